@@ -44,6 +44,9 @@ class ChoiceLog:
     def __init__(self) -> None:
         #: ``(module path, indices)`` of each ranking in the capture, in call order
         self.recorded: list[tuple[str, torch.Tensor]] = []
+        #: how many of them each forward of the capture took, in order (None: not told, a ranking outside a forward
+        #: counted: the record is then kept whole only)
+        self.counts: list[int] | None = []
         self.capturing = False
         self.replaying = False
         #: what the routes of the open replay recorded (None: routes that hold no record of the choice)
@@ -58,6 +61,19 @@ class ChoiceLog:
         """The replay ended."""
         self.expected, self.at, self.replaying = None, 0, False
 
+    def clear(self) -> None:
+        """A capture starts anew: nothing recorded yet."""
+        self.recorded, self.counts = [], []
+
+    def begin(self) -> None:
+        """A forward of the model starts (not a recompute in backward): the rankings noted next are its own."""
+        if self.capturing and self.counts is not None and current_graph_task_id() == -1:
+            self.counts.append(0)
+
+    def forwards(self) -> tuple[int, ...] | None:
+        """How many rankings each forward of the capture took, where every ranking was taken in a counted forward."""
+        return None if self.counts is None else tuple(self.counts)
+
     def note(self, path: str, indices: torch.Tensor) -> None:
         """The module at ``path`` ranked its tokens and got ``indices``: record them in a capture, compare them in a
         replay (raising :class:`~moe_replay.TokenMismatchError` where they differ). A recompute in backward is none."""
@@ -65,6 +81,10 @@ class ChoiceLog:
             return
         if self.capturing:
             self.recorded.append((path, indices.detach().clone()))
+            if self.counts:
+                self.counts[-1] += 1
+            else:  # (no forward counted before it: which forward took it is not told)
+                self.counts = None
         if self.replaying:
             self._compare(path, indices.detach())
 
@@ -77,9 +97,11 @@ class ChoiceLog:
         if self.expected is None:
             raise TokenMismatchError(
                 f"{what}, and these routes hold no record of that choice (they were not read by session.routes() of a "
-                "capture that watched it, or were changed since: saved and loaded, cut, joined), so this replay "
+                "capture that watched it, or were cut since inside a forward's sequences, picked out of order, or "
+                "joined from parts of one forward), so this replay "
                 f"cannot show that its routers see the tokens they were recorded on. Replay the routes that "
-                f"session.routes() returned, as they are. {_FIX}"
+                "session.routes() returned, whole or cut at the capture's forwards (saved, joined or sent as they "
+                f"are). {_FIX}"
             )
         at = self.at
         self.at += 1
@@ -150,6 +172,17 @@ class _Tap(_Inert):
             self.open.pop().__exit__(None, None, None)
 
 
+class _Begin(_Inert):
+    """The forward pre-hook of the tapped model: tells the log that a forward starts."""
+
+    def __init__(self, log: ChoiceLog) -> None:
+        self.log = log
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.log.begin()
+
+
 class _TapLeave(_Inert):
     """The forward hook of a :class:`_Tap`."""
 
@@ -161,11 +194,13 @@ class _TapLeave(_Inert):
         self.tap.close()
 
 
-def tap_choices(model: nn.Module, paths: Iterable[str], log: ChoiceLog) -> Callable[[], None]:
+def tap_choices(model: nn.Module, paths: Iterable[str], log: ChoiceLog, *, count: bool) -> Callable[[], None]:
     """Tap the forwards of the modules of ``model`` at ``paths`` (choosers of the tokens their routers see) into
-    ``log``; returns a function that takes the taps off."""
+    ``log``, and with ``count`` the forwards of ``model`` itself (where each forward's rankings start); returns a
+    function that takes the taps off."""
     names = {id(m): n for n, m in model.named_modules()}
     taps: list[_Tap] = []
+    counted = [model.register_forward_pre_hook(_Begin(log))] if count else []
     for path in dict.fromkeys(paths):
         try:
             module = model.get_submodule(path)
@@ -185,5 +220,7 @@ def tap_choices(model: nn.Module, paths: Iterable[str], log: ChoiceLog) -> Calla
             for h in tap.handles:
                 h.remove()
         taps.clear()
+        while counted:
+            counted.pop().remove()
 
     return stop

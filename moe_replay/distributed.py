@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_count, check_dense, is_integer
+from ._choice_record import choices_from_ints, choices_to_ints
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -186,7 +187,9 @@ def _known(routes: Routes) -> list[int]:
     routers saw the tokens, which it told (``Routes._routers_order``), plus 4 times the count of routes
     joined into them (``Routes._joined``); then why token ids were lost (length and
     UTF-8 bytes, 0: none), the mask of the tokens its first forward's routers saw where the model took the padding
-    out (``Routes._prompt_kept``: -1 where none, else its two sizes and values), and each router's own token ids
+    out (``Routes._prompt_kept``: -1 where none, else its two sizes and values), the rankings by which a module chose
+    the tokens reaching its routers (``Routes._token_choices`` and ``Routes._choice_forwards``: see
+    :func:`~moe_replay._choice_record.choices_to_ints`), and each router's own token ids
     (``Routes._router_ids``: -1 where none, else each router's count of rows and its ids), followed where they are
     kept by each router's own calls (``Routes._router_calls``: -1 where none, else for each router -1 where not known,
     or its count of ``(rows, calls)`` runs, the runs flat, its count of forwards and each one's calls).
@@ -217,6 +220,7 @@ def _known(routes: Routes) -> list[int]:
     out += [len(lost), *lost]
     kept = routes._prompt_kept  # (a first forward's mask of the tokens its routers saw: its shape, then its values)
     out += [-1] if kept is None else [*kept.shape, *kept.reshape(-1).long().tolist()]
+    out += choices_to_ints(routes._token_choices, routes._choice_forwards)
     if routes._router_ids is None:
         return [*out, -1]
     for ids in routes._router_ids:
@@ -276,6 +280,8 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
         at += 2 + rows * cols
     else:
         at += 1
+    # (which tokens the modules that choose them let reach their routers, and how many rankings each forward took)
+    routes._token_choices, routes._choice_forwards, at = choices_from_ints(known, at)
     if int(known[at]) >= 0:  # (each router's own token ids)
         per = []
         for _ in routes.names:

@@ -39,6 +39,7 @@ from ._checks import (
     is_collection,
     router_names,
 )
+from ._choice_record import Choices, cut_choices, join_choices, read_choices
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -438,6 +439,8 @@ class Routes:
     _router_cut: tuple[tuple[_RouterCalls, int, int] | None, ...] | None = None
     #: (see _trusted; a class default for routes pickled before it was kept)
     _lineage: torch.Tensor | None = None
+    #: (see _trusted; a class default for routes pickled before it was kept)
+    _choice_forwards: tuple[int, ...] | None = None
 
     def __init__(
         self,
@@ -509,7 +512,8 @@ class Routes:
         self._caches_interleaved: str | None = None
         self._rows_picked: str | None = None
         self._rows_untold: str | None = None
-        self._token_choices: tuple[tuple[str, torch.Tensor], ...] | None = None
+        self._token_choices: Choices | None = None
+        self._choice_forwards = None
         self._joined = 0
         self._recorded_names: tuple[str, ...] | None = None
         self._router_ids: tuple[torch.Tensor, ...] | None = None
@@ -790,7 +794,7 @@ class Routes:
         self._token_rank, self._order_untold = source._token_rank, source._order_untold
         self._routers_order = source._routers_order
         self._rows_untold = source._rows_untold
-        self._token_choices = source._token_choices
+        self._token_choices, self._choice_forwards = source._token_choices, source._choice_forwards
         self._joined = source._joined
         self._recorded_names = source._recorded_names
         self._ids_lost = source._ids_lost
@@ -910,7 +914,16 @@ class Routes:
             out._routers_order = self._routers_order  # (a run of rows: still in the order the routers saw them)
             if out.tokens_per_layer == self.tokens_per_layer:  # (every row, routes[:]: no rows chosen, the mark stays)
                 out._rows_untold = self._rows_untold
-                out._token_choices = self._token_choices
+                out._token_choices, out._choice_forwards = self._token_choices, self._choice_forwards
+            else:  # (the rankings of the forwards kept, those of a forward cut between sequences cut alike)
+                out._token_choices, out._choice_forwards = cut_choices(
+                    self._token_choices,
+                    self._choice_forwards,
+                    self._call_rows,
+                    self._forward_calls,
+                    start,
+                    start + (data[0].shape[0] if data else 0),
+                )
         else:
             out._pick_forwards(self, rows)
         return out
@@ -1095,6 +1108,12 @@ class Routes:
                 [p._token_ids if p._token_ids is not None else torch.full((p.num_tokens,), -1) for p in parts]
             )
         out._cat_forwards(parts)
+        # (each part's choices of the tokens reaching its routers, in turn: its forwards run in turn at replay; a part
+        # cut through a forward, a rank's sequences of it, is no forward of its own once joined to another's rows)
+        if len(parts) == 1 or not any(p._forward_calls and min(p._forward_calls) < 0 for p in parts):
+            out._token_choices, out._choice_forwards = join_choices(
+                [(p._token_choices, p._choice_forwards) for p in parts]
+            )
         # (routes of rows joined: consecutive slices of one capture's rows, joined again, are one part of them)
         pieces = _rejoined([p for p in parts if p._data and p._data[0].shape[0]])
         out._joined = len(pieces) if len(pieces) > 1 else max((p._joined for p in parts), default=0)
@@ -1256,11 +1275,15 @@ class Routes:
         #: Kept by the methods that keep every row (token ids, other routers, names, picks, cat, save and load, a
         #: slice of every row); a slice of fewer rows is rows the caller chose (``routes[:n]``), and drops it
         obj._rows_untold = None
-        #: set by Session.routes() only (kept by the methods that keep every row in place, and by a slice of every
-        #: row): the indices of the rankings by which modules holding routers chose which tokens reach them
-        #: (Mixture-of-Depths), ``(module path, indices)`` in call order; a replay compares them (see
-        #: ``moe_replay._token_choices``). None: no record (routes of no capture, or changed since)
+        #: set by Session.routes(): the indices of the rankings by which modules holding routers chose which tokens
+        #: reach them (Mixture-of-Depths), ``(module path, indices)`` in call order; a replay compares them (see
+        #: ``moe_replay._token_choices``). Kept by the methods that keep every row in place, by files and the wire,
+        #: joined by cat, cut by slices of whole forwards or sequences (see ``moe_replay._choice_record``). None: no
+        #: record (routes of no capture, or cut where it cannot be told which rankings the rows kept were fed by)
         obj._token_choices = None
+        #: how many of ``_token_choices`` each forward of the capture took, in order (None: not known; the record is
+        #: then kept whole only): a slice of whole forwards keeps theirs (see ``moe_replay._choice_record``)
+        obj._choice_forwards = None
         #: set by Routes.cat: how many routes of rows it joined (0 where none did; kept by the methods that keep every
         #: row in place). Joined routes may be several sequences' (a batch's, as an engine call returns them), which
         #: stitch_turns refuses as one conversation's turn where no token ids show they are pieces of one sequence
@@ -1503,6 +1526,14 @@ class Routes:
         if calls is not None and (forwards is None or forwards["calls"] is None):
             # (too many runs for the metadata: a capture of many forwards of changing sizes) an array, not dropped
             arrays["call_runs"] = np.asarray(calls, dtype=np.int64).reshape(-1, 2)
+        if self._token_choices is not None:  # (which tokens a module let reach its routers: a replay compares them)
+            meta["token_choices"] = {
+                "paths": [path for path, _ in self._token_choices],
+                "shapes": [list(idx.shape) for _, idx in self._token_choices],
+                "forwards": None if self._choice_forwards is None else list(self._choice_forwards),
+            }
+            flat = [idx.reshape(-1).to(torch.long) for _, idx in self._token_choices]
+            arrays["token_choices"] = (torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)).numpy()
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         _write_whole(os.fspath(path), lambda f: np.savez_compressed(f, **arrays))
 
@@ -1608,6 +1639,11 @@ class Routes:
                 if bool((lineage < 0).any()):
                     raise _corrupted(path, "its token lineage holds values below 0")
                 routes._lineage = _cut_lineage(lineage.to(torch.long).clone())
+            if "token_choices" in meta or "token_choices" in extra:
+                record = read_choices(meta.get("token_choices"), extra.get("token_choices"))
+                if isinstance(record, str):
+                    raise _corrupted(path, record)
+                routes._token_choices, routes._choice_forwards = record
         except RoutesValidationError as e:  # (named once: a field's own check may have named the file already)
             raise RoutesValidationError(str(e) if os.fspath(path) in str(e) else f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -1815,6 +1851,7 @@ def _read_members(
         "token_places.npy",
         "token_lineage.npy",
         "call_runs.npy",
+        "token_choices.npy",
     ]
     extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
@@ -1874,6 +1911,10 @@ def _read_members(
         shape, dtype = _header(zf, infos["call_runs.npy"], path)
         if len(shape) != 2 or shape[1] != 2 or dtype.kind != "i":
             raise _corrupted(path, f"its forwards' calls are a {dtype} array of shape {shape}, not [rows, calls] pairs")
+    if "token_choices.npy" in infos:
+        shape, dtype = _header(zf, infos["token_choices.npy"], path)
+        if len(shape) != 1 or dtype.kind != "i":
+            raise _corrupted(path, f"its record of chosen tokens is a {dtype} array of shape {shape}, not one list")
     layers = []
     held = [n for n in optional if n in infos]
     for n in wanted[1:] + held:
@@ -1899,6 +1940,7 @@ def _read_members(
                 "token_places.npy",
                 "token_lineage.npy",
                 "call_runs.npy",
+                "token_choices.npy",
             )
             if n in found
         },

@@ -1111,9 +1111,14 @@ class Session:
                     skeleton = self._mark_watched(watched, path, not_run, watch.choosers)
                     # (the choices of the watched forward, made before its choosers were known: those of a module
                     # tapped already were noted as it made them)
-                    for chooser, indices in watch.chosen():
-                        if chooser not in self._tapped:
-                            self._choices.note(chooser, indices)
+                    chosen = [(c, i) for c, i in watch.chosen() if c not in self._tapped]
+                    if chosen and not self._tapped:  # (the model's forwards are counted from its taps on)
+                        if path:  # (a part's forward: which of the model's forwards took them is not told)
+                            self._choices.counts = None
+                        else:
+                            self._choices.begin()
+                    for chooser, indices in chosen:
+                        self._choices.note(chooser, indices)
                     if watch.choosers:
                         stops.append(self._tap_choosers(watched, watch.choosers))
                     if not path:
@@ -1143,8 +1148,9 @@ class Session:
         """Tap, for the open block, the modules at ``paths`` that choose which tokens reach their routers (see
         :mod:`._token_choices`), those not tapped already."""
         new = [p for p in paths if p not in self._tapped]
+        count = not self._tapped  # (the first taps of the block count the model's forwards too)
         self._tapped.update(new)
-        return tap_choices(model, new, self._choices)
+        return tap_choices(model, new, self._choices, count=count)
 
     def _stamp(self, model: nn.Module, scopes: list[str]) -> None:
         """Note, as the model's forward is known to pass the watch in the open block, what :meth:`_recheck`
@@ -1898,7 +1904,7 @@ class Session:
             self._has_capture = True
             if clear or self._feeds is None:
                 self._feeds = FeedRecord(limit=self.capacity if self.keep_newest else None)
-                self._choices.recorded = []
+                self._choices.clear()
             if rings:  # (each router's calls: routes() reads each router's ids where the routers' calls differ)
                 # (the calls of rows each router's ring counts now: 0 for a router of none; _hooks changes in place)
                 self._feeds.calls_made = functools.partial(calls_made_by, self._hooks)
@@ -2164,6 +2170,12 @@ class Session:
         # (which tokens the modules that choose them let reach their routers: a replay compares; rows dropped took
         # the choices of their forwards with them, which no longer line up)
         routes._token_choices = self._choices.kept() if not routes._dropped_rows else None
+        # (how many rankings each forward took, where they line up with the forwards the routes know: slices of whole
+        # forwards keep theirs)
+        per_forward = self._choices.forwards()
+        told = routes._forward_calls
+        fits = routes._token_choices is not None and told is not None and per_forward is not None
+        routes._choice_forwards = per_forward if fits and len(per_forward or ()) == len(told or ()) else None
         return routes
 
     # ------------------------------------------------------------- replay

@@ -1511,6 +1511,7 @@ _MARKS = (
     "_router_calls",
     "_lineage",
     "_token_choices",
+    "_choice_forwards",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
 _ROW_MARKS = ("_token_ids", "_fed_mask", "_seq_pos", "_layout_pos", "_token_rank", "_router_ids", "_lineage")
@@ -1534,6 +1535,7 @@ def _marked(kind: str) -> mr.Routes:
     r._joined = 2  # (joined by Routes.cat from the routes of two sequences)
     r._prompt_kept = torch.tensor([[False, True, True], [True, True, False]])  # (its first forward's 4 rows)
     r._token_choices = (("enc.mod", torch.tensor([[2, 0]])), ("enc.mod", torch.tensor([[1, 3]])))  # (a MoD's choices)
+    r._choice_forwards = (1, 1)  # (one ranking in each forward)
     if kind != "routers":  # (a capture that kept no router's ids, or kept one router's and lost the other's)
         r._ids_lost = "router 'x' made calls on a part of a forward's tokens"
     if kind == "lost":
@@ -1720,10 +1722,13 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
         table["r[:4]"][3]["_router_calls"] = ((((4, 1),), (1,)),) * 2
         table["r[2:6]"][3]["_router_calls"] = ((((2, 2),), (1, 1)),) * 2
         table["r[[5, 1]]"][3]["_router_calls"] = None
-    # (MoD's choices of tokens hold for the capture's forwards as they ran: kept only where every row stays in place)
+    # (MoD's choices of tokens hold for the capture's forwards as they ran: kept with the forwards they were taken in,
+    # dropped where a forward is cut inside its sequences or rows are picked out of order)
     for what in table:
-        if what.startswith(("r[:4]", "r[2:6]", "r[[", "cat", "save", "the wire", "stitch_turns")):
-            table[what][3]["_token_choices"] = None
+        if what.startswith(("r[2:6]", "r[[", "cat(split_routes)", "stitch_turns")):
+            table[what][3].update(_token_choices=None, _choice_forwards=None)
+    if "r[:4]" in table:  # (its first forward, whole: that forward's ranking)
+        table["r[:4]"][3].update(_token_choices=base._token_choices[:1], _choice_forwards=(1,))
     for what, (made, rows, routers, changed) in table.items():
         made = made() if callable(made) else made
         want = _expected(base, rows, routers, **changed)

@@ -1,0 +1,179 @@
+"""The record of a choice, made outside the routers, of which tokens reach them, as routes carry it.
+
+A capture of a model whose module chooses, by a ranking of its own scores, which tokens reach its routers
+(Mixture-of-Depths; see :mod:`moe_replay._token_choices`) keeps the indices of each such ranking on its routes
+(``Routes._token_choices``: ``(module path, indices)`` in call order) and how many of them each forward of the capture
+took (``Routes._choice_forwards``). This module keeps that record meaningful where routes are cut, joined, written to
+a file or sent to another process: the rankings of the forwards kept stay, those of a forward cut through per sequence
+are cut alike where each ranking holds one row per sequence, and anything else drops the record (a replay of such
+routes on such a model is then refused, never run on tokens it cannot show are the recorded ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Choices", "choices_from_ints", "choices_to_ints", "cut_choices", "join_choices", "read_choices"]
+
+#: ``(module path, indices)`` of each ranking, in call order
+Choices = tuple[tuple[str, torch.Tensor], ...]
+
+
+def _forward_bounds(
+    call_rows: tuple[tuple[int, int], ...] | None, forward_calls: tuple[int, ...] | None
+) -> list[tuple[int, int]] | None:
+    """The rows ``[start, end)`` each forward of a capture holds, from its ``(rows, calls)`` runs and the calls each
+    forward made; None where they are not known whole (a forward sliced: negative calls)."""
+    if call_rows is None or forward_calls is None or any(c < 0 for c in forward_calls):
+        return None
+    per_call = [rows for rows, calls in call_rows for _ in range(calls)]
+    if sum(forward_calls) != len(per_call):
+        return None
+    bounds, at_call, at_row = [], 0, 0
+    for c in forward_calls:
+        n = sum(per_call[at_call : at_call + c])
+        bounds.append((at_row, at_row + n))
+        at_call, at_row = at_call + c, at_row + n
+    return bounds
+
+
+def _per_sequence(group: Choices, start: int, end: int, rows: int) -> Choices | None:
+    """The rankings of one forward of ``rows`` rows, cut to its rows ``[start, end)``: where each ranking holds one
+    row per sequence (as many sequences in all, each holding as many of the forward's rows) and the cut falls between
+    sequences, those sequences' rows of each; else None."""
+    batch = {int(idx.shape[0]) if idx.dim() >= 2 else -1 for _, idx in group}
+    if len(batch) != 1:
+        return None
+    b = batch.pop()
+    if b <= 0 or rows % b:
+        return None
+    per = rows // b
+    if per == 0 or start % per or end % per:
+        return None
+    return tuple((path, idx[start // per : end // per].clone()) for path, idx in group)
+
+
+def cut_choices(
+    choices: Choices | None,
+    counts: tuple[int, ...] | None,
+    call_rows: tuple[tuple[int, int], ...] | None,
+    forward_calls: tuple[int, ...] | None,
+    start: int,
+    end: int,
+) -> tuple[Choices | None, tuple[int, ...] | None]:
+    """The record of routes cut to their rows ``[start, end)`` (consecutive): the rankings of each forward whose
+    rows are kept whole, and those of a forward cut between its sequences cut alike; ``(None, None)`` where that
+    cannot be told (the rankings per forward or the forwards' rows not known, a cut inside a sequence, a forward of
+    no rows: nothing shows which rankings its replay takes)."""
+    bounds = _forward_bounds(call_rows, forward_calls)
+    if choices is None or counts is None or bounds is None or len(bounds) != len(counts) or sum(counts) != len(choices):
+        return None, None
+    kept: list[tuple[str, torch.Tensor]] = []
+    kept_counts: list[int] = []
+    at = 0
+    for (a, b), n in zip(bounds, counts, strict=True):
+        group, at = choices[at : at + n], at + n
+        if a == b:  # (a forward of no rows: whether a replay of these rows runs it is not told)
+            if start <= a < end or (a == b == start == end):
+                return None, None
+            continue
+        s, e = max(a, start), min(b, end)
+        if e <= s:
+            continue
+        if (s, e) != (a, b):
+            cut = _per_sequence(group, s - a, e - a, b - a)
+            if cut is None:
+                return None, None
+            group = cut
+        kept.extend(group)
+        kept_counts.append(n)
+    return tuple(kept), tuple(kept_counts)
+
+
+def join_choices(
+    parts: Sequence[tuple[Choices | None, tuple[int, ...] | None]],
+) -> tuple[Choices | None, tuple[int, ...] | None]:
+    """The record of routes joined one after another: each part's rankings in turn (their forwards run in turn at
+    replay); none where a part holds none. The counts per forward, where every part knows its own."""
+    if not parts or any(c is None for c, _ in parts):
+        return None, None
+    choices = tuple(one for c, _ in parts for one in c or ())
+    counts = tuple(n for _, k in parts for n in k or ()) if all(k is not None for _, k in parts) else None
+    return choices, counts
+
+
+def choices_to_ints(choices: Choices | None, counts: tuple[int, ...] | None) -> list[int]:
+    """The record as ints for the wire: -1 where none, else the count of rankings and, for each, its path (length
+    and UTF-8 bytes), its dimensions and shape and its values; then -1 or the count of forwards and each one's
+    rankings."""
+    if choices is None:
+        return [-1]
+    out = [len(choices)]
+    for path, idx in choices:
+        encoded = path.encode()
+        out += [len(encoded), *encoded, idx.dim(), *idx.shape, *idx.reshape(-1).long().tolist()]
+    out += [-1] if counts is None else [len(counts), *counts]
+    return out
+
+
+def choices_from_ints(known: Sequence[int], at: int) -> tuple[Choices | None, tuple[int, ...] | None, int]:
+    """The record read from the wire at ``at`` (see :func:`choices_to_ints`), and where the next field starts."""
+    n, at = int(known[at]), at + 1
+    if n < 0:
+        return None, None, at
+    choices = []
+    for _ in range(n):
+        size, at = int(known[at]), at + 1
+        path = bytes(int(b) for b in known[at : at + size]).decode()
+        at += size
+        dims, at = int(known[at]), at + 1
+        shape = [int(v) for v in known[at : at + dims]]
+        at += dims
+        numel = 1
+        for v in shape:
+            numel *= v
+        choices.append((path, torch.tensor([int(v) for v in known[at : at + numel]], dtype=torch.long).reshape(shape)))
+        at += numel
+    m, at = int(known[at]), at + 1
+    counts = None
+    if m >= 0:
+        counts = tuple(int(v) for v in known[at : at + m])
+        at += m
+    return tuple(choices), counts, at
+
+
+def read_choices(meta: Any, flat: torch.Tensor | None) -> tuple[Choices, tuple[int, ...] | None] | str:
+    """The record read from a file: its metadata (``{"paths", "shapes", "forwards"}``) and its values, all rankings'
+    one after another; or why they are not a record (the file is then corrupted)."""
+    if not isinstance(meta, dict) or flat is None:
+        return "its record of the tokens chosen before the routers is incomplete"
+    paths, shapes, forwards = meta.get("paths"), meta.get("shapes"), meta.get("forwards")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        return "the module paths of its record of the tokens chosen before the routers are not strings"
+    if not isinstance(shapes, list) or len(shapes) != len(paths):
+        return "its record of the tokens chosen before the routers holds no shape for each ranking"
+    if not all(isinstance(s, list) and all(type(v) is int and v >= 0 for v in s) for s in shapes):
+        return "the shapes of its record of the tokens chosen before the routers are not lists of sizes"
+    if flat.dim() != 1:
+        return "the values of its record of the tokens chosen before the routers are not one list"
+    if forwards is not None and (
+        not isinstance(forwards, list)
+        or not all(type(v) is int and v >= 0 for v in forwards)
+        or sum(forwards) != len(paths)
+    ):
+        return "its record of the tokens chosen before the routers counts other rankings per forward than it holds"
+    choices, at = [], 0
+    for path, shape in zip(paths, shapes, strict=True):
+        numel = 1
+        for v in shape:
+            numel *= v
+        if at + numel > flat.numel():
+            return "its record of the tokens chosen before the routers holds fewer values than its shapes"
+        choices.append((path, flat[at : at + numel].to(torch.long).reshape(shape).clone()))
+        at += numel
+    if at != flat.numel():
+        return "its record of the tokens chosen before the routers holds more values than its shapes"
+    return tuple(choices), None if forwards is None else tuple(forwards)
