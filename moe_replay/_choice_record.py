@@ -16,10 +16,25 @@ from typing import Any
 
 import torch
 
-__all__ = ["Choices", "choices_from_ints", "choices_to_ints", "cut_choices", "join_choices", "read_choices"]
+__all__ = [
+    "Choices",
+    "choices_from_ints",
+    "choices_to_ints",
+    "cut_choices",
+    "dtype_code",
+    "join_choices",
+    "read_choices",
+]
 
 #: ``(module path, indices)`` of each ranking, in call order
 Choices = tuple[tuple[str, torch.Tensor], ...]
+#: the dtypes a record holds (a ranking's indices, a boolean mask picked by), by the code files and the wire give them
+_DTYPES = (torch.int64, torch.bool, torch.int32)
+
+
+def dtype_code(idx: torch.Tensor) -> int:
+    """The code of ``idx``'s dtype for files and the wire (:data:`_DTYPES`; another: as int64)."""
+    return _DTYPES.index(idx.dtype) if idx.dtype in _DTYPES else 0
 
 
 def _forward_bounds(
@@ -107,14 +122,14 @@ def join_choices(
 
 def choices_to_ints(choices: Choices | None, counts: tuple[int, ...] | None) -> list[int]:
     """The record as ints for the wire: -1 where none, else the count of rankings and, for each, its path (length
-    and UTF-8 bytes), its dimensions and shape and its values; then -1 or the count of forwards and each one's
-    rankings."""
+    and UTF-8 bytes), its dtype's code (:func:`dtype_code`), its dimensions and shape and its values; then -1 or the
+    count of forwards and each one's rankings."""
     if choices is None:
         return [-1]
     out = [len(choices)]
     for path, idx in choices:
         encoded = path.encode()
-        out += [len(encoded), *encoded, idx.dim(), *idx.shape, *idx.reshape(-1).long().tolist()]
+        out += [len(encoded), *encoded, dtype_code(idx), idx.dim(), *idx.shape, *idx.reshape(-1).long().tolist()]
     out += [-1] if counts is None else [len(counts), *counts]
     return out
 
@@ -129,13 +144,14 @@ def choices_from_ints(known: Sequence[int], at: int) -> tuple[Choices | None, tu
         size, at = int(known[at]), at + 1
         path = bytes(int(b) for b in known[at : at + size]).decode()
         at += size
-        dims, at = int(known[at]), at + 1
+        code, dims, at = int(known[at]), int(known[at + 1]), at + 2
         shape = [int(v) for v in known[at : at + dims]]
         at += dims
         numel = 1
         for v in shape:
             numel *= v
-        choices.append((path, torch.tensor([int(v) for v in known[at : at + numel]], dtype=torch.long).reshape(shape)))
+        values = torch.tensor([int(v) for v in known[at : at + numel]], dtype=torch.long).reshape(shape)
+        choices.append((path, values.to(_DTYPES[code])))
         at += numel
     m, at = int(known[at]), at + 1
     counts = None
@@ -146,8 +162,8 @@ def choices_from_ints(known: Sequence[int], at: int) -> tuple[Choices | None, tu
 
 
 def read_choices(meta: Any, flat: torch.Tensor | None) -> tuple[Choices, tuple[int, ...] | None] | str:
-    """The record read from a file: its metadata (``{"paths", "shapes", "forwards"}``) and its values, all rankings'
-    one after another; or why they are not a record (the file is then corrupted)."""
+    """The record read from a file: its metadata (``{"paths", "shapes", "dtypes", "forwards"}``) and its values, all
+    rankings' one after another; or why they are not a record (the file is then corrupted)."""
     if not isinstance(meta, dict) or flat is None:
         return "its record of the tokens chosen before the routers is incomplete"
     paths, shapes, forwards = meta.get("paths"), meta.get("shapes"), meta.get("forwards")
@@ -157,6 +173,9 @@ def read_choices(meta: Any, flat: torch.Tensor | None) -> tuple[Choices, tuple[i
         return "its record of the tokens chosen before the routers holds no shape for each ranking"
     if not all(isinstance(s, list) and all(type(v) is int and v >= 0 for v in s) for s in shapes):
         return "the shapes of its record of the tokens chosen before the routers are not lists of sizes"
+    dtypes = meta.get("dtypes", [0] * len(paths))
+    if not isinstance(dtypes, list) or len(dtypes) != len(paths) or any(d not in range(len(_DTYPES)) for d in dtypes):
+        return "its record of the tokens chosen before the routers holds no known dtype for each ranking"
     if flat.dim() != 1:
         return "the values of its record of the tokens chosen before the routers are not one list"
     if forwards is not None and (
@@ -166,13 +185,13 @@ def read_choices(meta: Any, flat: torch.Tensor | None) -> tuple[Choices, tuple[i
     ):
         return "its record of the tokens chosen before the routers counts other rankings per forward than it holds"
     choices, at = [], 0
-    for path, shape in zip(paths, shapes, strict=True):
+    for path, shape, code in zip(paths, shapes, dtypes, strict=True):
         numel = 1
         for v in shape:
             numel *= v
         if at + numel > flat.numel():
             return "its record of the tokens chosen before the routers holds fewer values than its shapes"
-        choices.append((path, flat[at : at + numel].to(torch.long).reshape(shape).clone()))
+        choices.append((path, flat[at : at + numel].to(_DTYPES[code]).reshape(shape).clone()))
         at += numel
     if at != flat.numel():
         return "its record of the tokens chosen before the routers holds more values than its shapes"

@@ -8,8 +8,10 @@ training step), the recorded rows would be forced on other tokens with every cou
 forward (:class:`~moe_replay.orphans.OrphanWatch`) finds such modules (:attr:`~moe_replay.orphans.OrphanWatch.
 choosers`: a ranking of floating scores along the input's tokens in the module's own forward, before a router in the
 nearest module holding routers around it runs on fewer tokens, or on all of them in the order of a ranking of every
-token), and from then on each of their forwards is tapped: a capture records the indices of every ranking the
-module takes in its own forward, in call order, and the routes read from it keep them; a replay compares each with
+token; or a boolean mask made by a threshold on such scores that it picks tokens by, ``x[mask]`` or
+``mask.nonzero()``), and from then on each of their forwards is tapped: a capture records the indices of every ranking
+the module takes in its own forward, and every boolean mask it picks by (a mask given as input too: the same at
+replay), in call order, and the routes read from it keep them; a replay compares each with
 the recorded one and refuses, with :class:`~moe_replay.TokenMismatchError`, a choice that differs, or routes that hold
 no record of it. A recompute in backward (activation checkpointing) repeats the forward's choice and is not counted.
 """
@@ -26,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from ._torch_compat import current_graph_task_id
 from .errors import TokenMismatchError
 from .evidence import NESTING, UNWRAP, unwrap
-from .orphans import TOKEN_CHOICES, _calling_module, _Inert, _ordering, choice_indices
+from .orphans import TOKEN_CHOICES, TOKEN_MASKS, _calling_module, _Inert, _ordering, choice_indices, picking_mask
 
 __all__ = ["ChoiceLog", "tap_choices"]
 
@@ -90,8 +92,9 @@ class ChoiceLog:
 
     def _compare(self, path: str, indices: torch.Tensor) -> None:
         what = (
-            f"'{path}' chooses, by ranking scores of its own along the tokens, which tokens reach the routers after "
-            "it, or in which order (Mixture-of-Depths, a sort of the tokens): routes are rows in the order a router "
+            f"'{path}' chooses, by scores of its own along the tokens (a ranking, or a boolean mask it picks tokens "
+            "by), which tokens reach the routers after it, or in which order (Mixture-of-Depths, a sort of the "
+            "tokens): routes are rows in the order a router "
             "sees its tokens"
         )
         if self.expected is None:
@@ -107,7 +110,7 @@ class ChoiceLog:
         self.at += 1
         if at >= len(self.expected):
             raise TokenMismatchError(
-                f"{what}, and it ranked its tokens more times in this replay than in the capture ({len(self.expected)} "
+                f"{what}, and it chose its tokens more times in this replay than in the capture ({len(self.expected)} "
                 f"in all): these forwards are not those the routes were recorded on. {_FIX}"
             )
         want_path, want = self.expected[at]
@@ -119,7 +122,7 @@ class ChoiceLog:
         )
         if not same:
             raise TokenMismatchError(
-                f"{what}, and at its ranking {at + 1} of the replay it chose other tokens than at the capture "
+                f"{what}, and at its choice {at + 1} of the replay it chose other tokens than at the capture "
                 f"(recorded at '{want_path}'): the recorded rows would be forced on other tokens. {_FIX}"
             )
 
@@ -147,6 +150,12 @@ class _TapMode(TorchFunctionMode):
                 indices = choice_indices(named, out)
                 if indices is not None:
                     self.tap.log.note(self.tap.path, indices)
+        elif named in TOKEN_MASKS and not (NESTING.probing or NESTING.establishing or _ordering()):
+            mask = picking_mask(named, args, kwargs)  # (the tokens a boolean mask picks: as the watch records them)
+            if mask is not None:
+                name, in_hook = _calling_module(self.tap.names)
+                if name == self.tap.path and not in_hook:
+                    self.tap.log.note(self.tap.path, mask)
         return out
 
 

@@ -193,6 +193,46 @@ def choice_indices(func: Any, out: Any) -> torch.Tensor | None:
     return None
 
 
+#: Calls that pick tokens by a boolean mask (``x[mask]``, ``mask.nonzero()``): where the mask is a threshold on
+#: floating scores, in the forward of a module holding routers, they choose which tokens reach those routers as a
+#: ranking does (see :attr:`OrphanWatch.choosers`); every mask such a module picks by is recorded
+TOKEN_MASKS = frozenset(
+    (
+        torch.Tensor.__getitem__,
+        torch.nonzero,
+        torch.Tensor.nonzero,
+        torch.argwhere,
+        torch.Tensor.argwhere,
+        torch.masked_select,
+        torch.Tensor.masked_select,
+    )
+)
+#: Comparisons whose result, of floating scores, is a threshold's mask (see :data:`TOKEN_MASKS`)
+_THRESHOLDS = frozenset(
+    (
+        torch.Tensor.__lt__,
+        torch.Tensor.__le__,
+        torch.Tensor.__gt__,
+        torch.Tensor.__ge__,
+        *(f for name in ("lt", "le", "gt", "ge") for f in (getattr(torch, name), getattr(torch.Tensor, name))),
+    )
+)
+
+
+def picking_mask(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The boolean mask a call of :data:`TOKEN_MASKS` picks by (an index of ``__getitem__``, the input of ``nonzero``,
+    the mask of ``masked_select``), or None."""
+    if func is torch.Tensor.__getitem__:
+        index = args[1] if len(args) > 1 else None
+        held = index if isinstance(index, tuple) else (index,)
+        mask = next((v for v in held if isinstance(v, torch.Tensor) and v.dtype == torch.bool), None)
+    elif func in (torch.masked_select, torch.Tensor.masked_select):
+        mask = _arg(args, kwargs, 1, "mask")
+    else:
+        mask = _arg(args, kwargs, 0, "input")
+    return mask if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() >= 1 else None
+
+
 #: Cumulative sums: along a bank's experts, a distribution's CDF, which a comparison turns into a choice (the count of
 #: cumulative probabilities under a uniform draw is a sample drawn by hand; under a threshold, a top-p in order).
 _CUMSUMS = frozenset((torch.cumsum, torch.Tensor.cumsum, torch.Tensor.cumsum_))
@@ -478,6 +518,8 @@ class OrphanWatch(TorchFunctionMode):
         #: the indices of every ranking that a module holding an attached router took in its own forward, with its
         #: path, in call order (:meth:`chosen` keeps those of :attr:`choosers`)
         self.choices: list[tuple[str, torch.Tensor]] = []
+        #: the masks made by a threshold on floating scores, and those cut from them (see :meth:`_holder_mask`)
+        self.thresholds: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
         self.tokens: int | None = None  # the watched forward's tokens (see seed), where its input tells them
 
     def seed(self, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> None:
@@ -620,6 +662,9 @@ class OrphanWatch(TorchFunctionMode):
         ranking = None  # the path of a module holding a router that ranks in its own forward (see _holder_ranking)
         if func in TOKEN_CHOICES and not torch.compiler.is_compiling():
             ranking = self._holder_ranking(func, args, kwargs)
+        masked = None  # the path of a module holding a router that thresholds or picks by a mask (_holder_mask)
+        if (func in TOKEN_MASKS or func in _THRESHOLDS) and not torch.compiler.is_compiling():
+            masked = self._holder_mask(func, args, kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows
         if func is F.scaled_dot_product_attention and not torch.compiler.is_compiling():
@@ -719,6 +764,7 @@ class OrphanWatch(TorchFunctionMode):
         if (
             not self.picked
             and ranking is None
+            and masked is None
             and source is None
             and not self.axes.known
             and not self.drawn
@@ -732,6 +778,8 @@ class OrphanWatch(TorchFunctionMode):
             indices = choice_indices(func, out)
             if indices is not None:
                 self.choices.append((ranking, indices.detach().clone()))
+        if masked is not None:
+            self._mask_use(masked, func, args, kwargs, out)
         if func in _UNIFORM and not torch.compiler.is_compiling():
             _weak_put(self.uniform, out, True)
         if self.picked:
@@ -799,6 +847,43 @@ class OrphanWatch(TorchFunctionMode):
             if not path:
                 return None
             path = path.rpartition(".")[0]
+
+    def _holder_mask(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str] | None:
+        """The path of the module making this call (of :data:`TOKEN_MASKS` or :data:`_THRESHOLDS`) in its own
+        forward, and of the holder of an attached router it is or is a child of, where it thresholds floating scores,
+        cuts such a threshold's mask, or picks by a boolean mask; else None (see :meth:`_holder_ranking`)."""
+        if func in _THRESHOLDS:
+            x = _arg(args, kwargs, 0, "input")
+            if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1):
+                return None
+        elif picking_mask(func, args, kwargs) is None and not (
+            func is torch.Tensor.__getitem__ and _weak_get(self.thresholds, args[0]) is not None
+        ):
+            return None
+        name, in_hook = _calling_module(self.names, 3)
+        if name is None or in_hook or self._known(name) or self._in_attention(name):
+            return None
+        holder = self._router_holder(name)
+        return (name, holder) if holder is not None else None
+
+    def _mask_use(
+        self, where: tuple[str, str], func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        """Follow a threshold's mask made or cut at ``where`` (the module and its holder), and record each mask that
+        module picks by; one made by a threshold notes it in :attr:`ranked` (it may choose the tokens its routers
+        see, as a ranking does)."""
+        name, holder = where
+        if func in _THRESHOLDS:
+            if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
+                _weak_put(self.thresholds, out, True)
+            return
+        mask = picking_mask(func, args, kwargs)
+        if mask is not None:
+            self.choices.append((name, mask.detach().clone()))
+            if _weak_get(self.thresholds, mask) is not None:
+                self.ranked.setdefault(name, (holder, _where(), False))
+        elif isinstance(out, torch.Tensor) and out.dtype == torch.bool:  # (a row of a threshold's mask: one too)
+            _weak_put(self.thresholds, out, True)
 
     def _holds_router(self, name: str) -> bool:
         """Does the module at ``name`` hold an attached router's scope below it?"""

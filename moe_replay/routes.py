@@ -39,7 +39,7 @@ from ._checks import (
     is_collection,
     router_names,
 )
-from ._choice_record import Choices, cut_choices, join_choices, read_choices
+from ._choice_record import Choices, cut_choices, dtype_code, join_choices, read_choices
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -1530,6 +1530,7 @@ class Routes:
             meta["token_choices"] = {
                 "paths": [path for path, _ in self._token_choices],
                 "shapes": [list(idx.shape) for _, idx in self._token_choices],
+                "dtypes": [dtype_code(idx) for _, idx in self._token_choices],
                 "forwards": None if self._choice_forwards is None else list(self._choice_forwards),
             }
             flat = [idx.reshape(-1).to(torch.long) for _, idx in self._token_choices]

@@ -3,7 +3,9 @@
 A module that ranks its own scores to choose which tokens reach its routers (Mixture-of-Depths) has its rankings
 recorded at capture; routes saved and loaded, joined, cut at whole forwards or sent over the wire keep them, so such a
 replay runs where the choice is the same and is refused where it is not. Routes whose record cannot be kept (a cut
-inside a sequence) are refused, never replayed on tokens that cannot be shown to be the recorded ones.
+inside a sequence) are refused, never replayed on tokens that cannot be shown to be the recorded ones. A choice made
+by a threshold on the scores (a boolean mask the module picks its tokens by) is recorded and checked alike, and a mask
+given as input (unpadding) is the same at replay.
 """
 
 from __future__ import annotations
@@ -145,10 +147,6 @@ class _ThresholdStack(MoDStack):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a choice of the tokens reaching the routers made by a fixed threshold (no ranking) is not recorded",
-)
 def test_a_threshold_choice_of_other_tokens_at_replay_is_refused() -> None:
     """MoD's threshold on its own scores lets other tokens (as many in each sequence) reach the first Mixtral gate
     once its weights move: the recorded rows would be forced on other tokens; the replay must be refused."""
@@ -169,5 +167,60 @@ def test_a_threshold_choice_of_other_tokens_at_replay_is_refused() -> None:
                     break
             else:
                 raise AssertionError("no MoD router weights found that choose other tokens, as many")
-        with pytest.raises(mr.MoEReplayError):
+        with pytest.raises(mr.TokenMismatchError, match="other tokens"):
             _replays(session, model, routes, x)
+
+
+class _Unpadding(torch.nn.Module):
+    """A block holding a Mixtral layer that takes out the padding by a float attention mask given as input (compared
+    with 0.5, then boolean indexing): its gate sees fewer tokens than fed, by a choice the input makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.block = MixtralDecoderLayer()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for m in self.modules():
+            if hasattr(m, "cursor"):
+                m.cursor, m.used = 0, None
+        kept = mask > 0.5
+        out = torch.zeros_like(x)
+        out[kept] = self.block(x[kept].unsqueeze(0))[0][0]
+        return out
+
+
+@pytest.mark.reliability("false refusals")
+def test_unpadding_by_a_mask_given_as_input_and_a_threshold_choosing_the_same_tokens_replay() -> None:
+    """A mask given as input (the same at replay) and a threshold that lets the same tokens through (only the gates
+    changed) are recorded and found the same: the replays run and force the recorded rows."""
+    model = _Unpadding().eval()
+    x = _x()
+    mask = torch.tensor([[1.0, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x, mask)
+        routes = session.routes()
+        assert routes._token_choices, "the mask the block picks its tokens by is recorded"
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            gate = model.block.block_sparse_moe.gate.weight
+            gate.add_(3.0 * torch.randn(gate.shape, generator=g))
+        with session.capture(), torch.no_grad():
+            model(x, mask)
+        assert not session.routes().equal(routes), "the changed gate chooses the recorded experts anyway"
+        with session.replay(routes), session.capture(), torch.no_grad():
+            model(x, mask)
+        assert session.routes().equal(routes)
+    model = _ThresholdStack().eval()
+    with mr.attach(model) as session:
+        routes = _captured(session, model, x)
+        with torch.no_grad():
+            model.layers[0].block.block_sparse_moe.gate.weight.mul_(-1.0)
+        with session.capture(), torch.no_grad():
+            model(x)
+        assert not session.routes().equal(routes), "the changed gate chooses the recorded experts anyway"
+        with session.replay(routes), session.capture(), torch.no_grad():
+            model(x)
+        assert session.routes().equal(routes)
