@@ -129,6 +129,9 @@ def test_a_blocks_warning_shows_as_without_a_session(action: str) -> None:
     showed an ``"always"`` one dozens of times. ``verify()`` (runs alone) shows none; a capture then a replay show
     what two plain forwards show, and the registries are left so that a later forward shows what it would."""
     x = _x()
+    # (a first capture and replay of another model imports what moe_replay imports lazily: a module that sets a
+    # warnings filter as it is imported resets every registry, here as without a session, and would be read as ours)
+    _capture_then_replay(_Model("silent"), x)
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter(action)
         with torch.no_grad():
