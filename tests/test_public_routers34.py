@@ -684,3 +684,62 @@ def test_energy_aware_router_fed_a_cost_per_call_replays_as_by_hand() -> None:
     with torch.no_grad():
         ref_gate.forced = rows
         assert torch.equal(ref(x), replayed), "the replay is not the recorded experts forced by hand"
+
+
+# ----------------------------------------------------------------------- Super Tiny LMs: every expert run, gathered
+# LeonGuertler/SuperTinyLanguageModels models/components/ffn/moe.py (``GatingNetwork``, ``MoEFeedForward``,
+# ``Expert``): the ``gating_network`` module returns the softmax of its Linear (with a bias); every expert runs on
+# every token and the outputs are stacked on dim 1 (``[B, E, S, H]``); ``torch.topk`` of the probabilities in the
+# block, and ``torch.gather`` on dim 1 with the ids expanded to ``[B, S, k, H]`` reads the chosen experts' outputs
+# (as written upstream, slot ``j`` reads each chosen expert's output at position ``j``), weighted by the k
+# probabilities (not renormalised) and summed.
+class StlmExpert(nn.Module):
+    def __init__(self, hidden_dim: int, ffn_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(hidden_dim, ffn_dim, bias=bias)
+        self.linear_2 = nn.Linear(ffn_dim, hidden_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class StlmGatingNetwork(nn.Module):
+    def __init__(self, hidden_dim: int, num_experts: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_dim, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.linear(x), dim=-1)
+
+
+class StlmMoEFeedForward(_Used):
+    def __init__(self, hidden_dim: int = D, ffn_dim: int = 8, num_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.experts = nn.ModuleList([StlmExpert(hidden_dim, ffn_dim, False) for _ in range(num_experts)])
+        self.gating_network = StlmGatingNetwork(hidden_dim, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expert_outputs = torch.stack([expert(x) for expert in self.experts], dim=1)
+        gate_outputs = self.gating_network(x)
+        top_k_gate_values, top_k_gate_indices = torch.topk(gate_outputs, self.top_k, dim=-1)
+        if self.forced is not None:
+            top_k_gate_indices = self.forced.view(*x.shape[:-1], self.top_k)
+            top_k_gate_values = gate_outputs.gather(-1, top_k_gate_indices)
+        self.used = top_k_gate_indices.reshape(-1, self.top_k)
+        top_k_expert_outputs = torch.gather(
+            expert_outputs, 1, top_k_gate_indices.unsqueeze(-1).expand(-1, -1, -1, expert_outputs.size(-1))
+        )
+        return (top_k_gate_values.unsqueeze(-1) * top_k_expert_outputs).sum(dim=2)
+
+
+@pytest.mark.reliability("silent replays")
+def test_stlm_dense_experts_gathered_by_the_topk_replay_as_by_hand() -> None:
+    """SuperTinyLanguageModels' ``MoEFeedForward``: every expert run on every token, the ``gating_network``'s
+    probabilities ranked by a top-k in the block and the chosen outputs read by a ``torch.gather`` of the stacked
+    ``[B, E, S, H]`` outputs. Found with zero configuration; the recorded rows are the ids the gather read by, and a
+    replay after the gate changes forces them, in output and gradients as by hand."""
+    model = _one_block(StlmMoEFeedForward)()
+    session = assert_exact(model, _seq(), train=True)
+    assert session.names == ("layers.0.gating_network",), session.names
