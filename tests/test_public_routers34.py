@@ -508,7 +508,8 @@ def test_nano_train_capacity_drop_by_detached_weight_is_replayed_or_refused() ->
     x = _seq()
     with torch.no_grad():
         model(x)
-    assert block._last_dropped_fraction > 0, "no expert went over its capacity: the case tries nothing"
+    if block._last_dropped_fraction == 0:  # (not an AssertionError: the marker must not take it for the gap)
+        pytest.fail("no expert went over its capacity: the case tries nothing")
     captured = dict(block.kept)
     try:
         with mr.attach(model) as session:
@@ -518,7 +519,8 @@ def test_nano_train_capacity_drop_by_detached_weight_is_replayed_or_refused() ->
             perturb(model, 3.0)
             with torch.no_grad():
                 model(x)
-            assert block.kept != captured, "the changed router drops the captured tokens anyway: the case tries nothing"
+            if block.kept == captured:
+                pytest.fail("the changed router drops the captured tokens anyway: the case tries nothing")
             with torch.no_grad(), session.replay(routes):
                 model(x)
     except mr.MoEReplayError:
