@@ -1,5 +1,5 @@
-"""MoE code of small training codebases (nanoGPT forks, LLM baselines), with zero configuration (see
-``test_public_routers33``).
+"""MoE code of small training and research codebases (a nanoGPT fork, LLM baselines, nano-train, an energy-aware
+router, Super Tiny Language Models), with zero configuration (see ``test_public_routers33``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
