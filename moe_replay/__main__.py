@@ -80,7 +80,8 @@ def demo(
     if new_tokens < 1:
         raise InvalidArgumentError(f"new_tokens must be at least 1, got {new_tokens}")
     positions = max(512, 8 + new_tokens)  # the prompt's 8 tokens and every generated one
-    model = models.build(style, seed=seed, num_layers=4, num_experts=16, top_k=min(2, 16), max_positions=positions).to(
+    top_k = 1 if style == "top1_argmax" else 2  # (a top-1 style reads no top_k: build refuses another)
+    model = models.build(style, seed=seed, num_layers=4, num_experts=16, top_k=top_k, max_positions=positions).to(
         device
     )
     cfg = model.config

@@ -618,6 +618,40 @@ def _init(model: MoETransformer, seed: int) -> None:
             m.e_score_correction_bias.copy_(torch.randn(m.num_experts, generator=g) * 0.1)
 
 
+#: The :class:`MoEConfig` fields only some router styles read, with the styles that read each; ``top_k`` is fixed
+#: at 1 by ``top1_argmax``. A :func:`build` override of one for another style, away from its default, is refused.
+_STYLE_FIELDS: dict[str, tuple[str, ...]] = {
+    "top_k": ("softmax_topk", "topk_softmax", "grouped_sigmoid", "linear_gate"),
+    "norm_topk_prob": ("softmax_topk", "grouped_sigmoid", "linear_gate"),
+    "n_group": ("grouped_sigmoid",),
+    "topk_group": ("grouped_sigmoid",),
+    "routed_scaling_factor": ("grouped_sigmoid",),
+    "group_weights_from_topk": ("grouped_sigmoid",),
+}
+
+
+def _check_read_by_style(style: str, overrides: dict[str, Any]) -> None:
+    """Refuse an override the router style never reads (``n_group`` of ``softmax_topk``, ``top_k=4`` of
+    ``top1_argmax``), where it asks for other than what the style does: it would be ignored without a word.
+
+    Raises:
+        InvalidArgumentError: naming the fields, what the style does instead and the styles that read them.
+    """
+    defaults = MoEConfig(router=style)
+    ignored = [
+        name
+        for name, readers in _STYLE_FIELDS.items()
+        if name in overrides and style not in readers and overrides[name] != getattr(defaults, name)
+    ]
+    if ignored:
+        said = ", ".join(f"{n}={overrides[n]!r} (read by {', '.join(_STYLE_FIELDS[n])})" for n in ignored)
+        fixed = " (it chooses top_k=1)" if "top_k" in ignored else ""
+        raise InvalidArgumentError(
+            f"build({style!r}) does not read {said}: the {style} router{fixed} would ignore it. Leave it out, "
+            "or build a style that reads it"
+        )
+
+
 def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> MoETransformer:
     """A reference MoE of the given router style with seeded random weights.
 
@@ -628,7 +662,9 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
 
     Raises:
         InvalidArgumentError: a field of the wrong type or out of range (a count under 1, ``top_k`` over
-            ``num_experts``, no MoE layer left after ``first_dense_layers``, a number not finite), or sizes whose
+            ``num_experts``, no MoE layer left after ``first_dense_layers``, a number not finite, a field the style
+            does not read set away from its default: ``n_group`` of ``softmax_topk``, ``top_k=4`` of
+            ``top1_argmax``, which chooses one expert), or sizes whose
             parameters would take more than :data:`MAX_PARAMETER_BYTES` (or the machine's memory, where less):
             refused from the sizes alone, before anything is allocated.
     """
@@ -646,6 +682,7 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
             f"fields: {[f.name for f in fields(MoEConfig) if f.name != 'router']}"
         )
     cfg = replace(MoEConfig(router=style), **overrides) if overrides else MoEConfig(router=style)
+    _check_read_by_style(style, overrides)
     with _drawn_later():  # (every parameter is drawn next, from the seeded generator)
         model = MoETransformer(cfg)
     _init(model, seed)

@@ -1,0 +1,41 @@
+"""Misuse of the public API by a hurried user: a reference-model setting its router style never reads, a batch
+of token ids handed to a layout as one sequence, a routes path through a file. Each answer is the plain result,
+or a ``MoEReplayError`` that names what is wrong and what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import moe_replay as mr
+
+#: (style, an override that style does not read)
+_UNREAD = [
+    ("top1_argmax", {"top_k": 4}),
+    ("softmax_topk", {"n_group": 2}),
+    ("linear_gate", {"routed_scaling_factor": 1.0}),
+    ("topk_softmax", {"norm_topk_prob": False}),
+    ("softmax_topk", {"group_weights_from_topk": True}),
+]
+
+
+@pytest.mark.reliability("silent wrong answers")
+@pytest.mark.parametrize(("style", "override"), _UNREAD, ids=[f"{s}-{next(iter(o))}" for s, o in _UNREAD])
+def test_a_build_setting_the_style_never_reads_is_refused(style: str, override: dict[str, Any]) -> None:
+    """Once silent: ``build("top1_argmax", top_k=4)`` built a top-1 model, ``n_group`` of a softmax router was
+    dropped; the model built was not the one asked for."""
+    ((name, value),) = override.items()
+    with pytest.raises(mr.InvalidArgumentError, match=rf"does not read {name}={value!r} \(read by .*{style}"):
+        mr.models.build(style, **override)
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_build_setting_at_what_the_style_does_is_taken() -> None:
+    """A field the style does not read is taken at the value it runs with (the default, or top_k=1 of a top-1
+    style), and a style that reads a field takes any value of it."""
+    assert mr.models.build("top1_argmax", top_k=1, num_layers=1).config.top_k == 1
+    assert mr.models.build("softmax_topk", n_group=4, num_layers=1).config.n_group == 4
+    model = mr.models.build("grouped_sigmoid", n_group=2, topk_group=1, norm_topk_prob=False, num_layers=1)
+    assert (model.config.n_group, model.config.topk_group, model.config.norm_topk_prob) == (2, 1, False)
+    assert mr.models.build("topk_softmax", top_k=3, num_layers=1).config.top_k == 3
