@@ -427,7 +427,11 @@ class BatchLayout:
                 )
 
     def tokens(self, sequences: Sequence[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
-        """The ``[rows, row_length]`` input ids, ``pad_id`` at padding."""
+        """The ``[rows, row_length]`` input ids, ``pad_id`` at padding.
+
+        Each sequence is 1-D token ids, or ``[1, n]`` (one sequence as a tokenizer returns it); a tensor of several
+        rows is refused rather than run together as one sequence.
+        """
         if not is_integer(pad_id) or not -(2**63) <= int(pad_id) < 2**63:
             raise InvalidArgumentError(
                 f"pad_id must be an integer token id, got {pad_id!r:.60}, past the int64 of token ids"
@@ -454,6 +458,12 @@ class BatchLayout:
                         f"sequence {i} holds token id {top} ({t.dtype}), past the int64 of token ids: pass the ids "
                         "the model's vocabulary holds"
                     )
+            if t.dim() > 1 and any(n != 1 for n in t.shape[:-1]):  # ([1, n] is one sequence; [2, n] is a batch)
+                raise InvalidArgumentError(
+                    f"sequence {i} is a {list(t.shape)} tensor: one sequence is 1-D token ids (or [1, n]), and its "
+                    "rows would run together as one sequence. Pass each sequence of a batch apart (list(batch)), "
+                    "or build the layout from that many sequences"
+                )
             seqs.append(t.reshape(-1))
         self._check_count(len(seqs))
         out = torch.full((self.rows, self.row_length), int(pad_id), dtype=torch.long)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 import moe_replay as mr
 
@@ -39,3 +40,16 @@ def test_a_build_setting_at_what_the_style_does_is_taken() -> None:
     model = mr.models.build("grouped_sigmoid", n_group=2, topk_group=1, norm_topk_prob=False, num_layers=1)
     assert (model.config.n_group, model.config.topk_group, model.config.norm_topk_prob) == (2, 1, False)
     assert mr.models.build("topk_softmax", top_k=3, num_layers=1).config.top_k == 3
+
+
+@pytest.mark.reliability("silent wrong answers")
+def test_a_batch_handed_to_a_layout_as_one_sequence_is_refused() -> None:
+    """Once silent: a ``[2, 3]`` tensor for a sequence of 6 tokens was flattened, its two rows run together as
+    one sequence; ``[1, n]`` (one sequence as a tokenizer returns it) is still one sequence."""
+    layout = mr.BatchLayout.padded([6, 2])
+    with pytest.raises(mr.InvalidArgumentError, match=r"sequence 0 is a \[2, 3\] tensor.*Pass each sequence"):
+        layout.tokens([torch.arange(6).view(2, 3), torch.arange(2)])
+    with pytest.raises(mr.InvalidArgumentError, match=r"sequence 1 is a \[2, 1\] tensor"):
+        layout.tokens([torch.arange(6), [[4], [5]]])
+    ids = layout.tokens([torch.arange(1, 7).view(1, 6), torch.tensor([7, 8])])
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 0, 0, 0, 0]]
