@@ -145,6 +145,20 @@ def _unexpanded(path: str | os.PathLike[str]) -> str:
     return ""
 
 
+def _file_in_the_way(path: str | os.PathLike[str]) -> str:
+    """A hint for a path that names no file because a folder on its way is a file: the nearest existing folder
+    of ``path`` that is not a directory, or ``""`` where there is none."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while folder and not os.path.lexists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return ""
+        folder = parent
+    if folder and os.path.lexists(folder) and not os.path.isdir(folder):
+        return f" ({folder} is a file, not a folder: a path through it names nothing; give a path in a folder)"
+    return ""
+
+
 def _name_max(folder: str) -> int:
     """The longest file name (in bytes) the file system of ``folder`` takes (255 where it does not say)."""
     try:
@@ -1479,7 +1493,8 @@ class Routes:
         folder = os.path.dirname(os.fspath(path))
         if folder and not os.path.isdir(folder):
             raise MissingFileError(
-                f"cannot write routes to {path}: no folder {folder}; create it first" + _unexpanded(path)
+                f"cannot write routes to {path}: no folder {folder}"
+                + (_file_in_the_way(path) or "; create it first" + _unexpanded(path))
             )
         name = os.path.basename(os.fspath(path))
         if len(os.fsencode(name)) > _name_max(folder):  # (open() would raise a bare OSError, "File name too long")
@@ -1565,7 +1580,9 @@ class Routes:
         if os.path.isdir(path):
             raise NotAFileError(f"cannot read routes from {path}: it is a directory, not a routes file")
         if not os.path.exists(path):
-            raise MissingFileError(f"cannot read routes from {path}: no such file" + _unexpanded(path))
+            raise MissingFileError(
+                f"cannot read routes from {path}: no such file" + (_file_in_the_way(path) or _unexpanded(path))
+            )
         if not stat.S_ISREG(os.stat(path).st_mode):  # (a pipe's open() would wait for a writer, for ever)
             raise NotAFileError(
                 f"cannot read routes from {path}: it is not a regular file (a pipe, a device or a socket), and a "

@@ -4,6 +4,9 @@ or a ``MoEReplayError`` that names what is wrong and what to do."""
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,3 +56,21 @@ def test_a_batch_handed_to_a_layout_as_one_sequence_is_refused() -> None:
         layout.tokens([torch.arange(6), [[4], [5]]])
     ids = layout.tokens([torch.arange(1, 7).view(1, 6), torch.tensor([7, 8])])
     assert ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 0, 0, 0, 0]]
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_routes_path_through_a_file_says_the_file_is_in_the_way(tmp_path: Path) -> None:
+    """Once: "no folder x; create it first" where x was a file (creating it fails), and "no such file" on load."""
+    routes = mr.Routes([torch.tensor([[0, 1], [2, 3]])], names=["layers.0.gate"], num_experts=4)
+    blocker = tmp_path / "routes.npz"
+    routes.save(blocker)
+    for path in (blocker / "again.npz", blocker / "sub" / "again.npz"):
+        said = re.escape(f"{blocker} is a file, not a folder")
+        with pytest.raises(mr.MissingFileError, match=said):
+            routes.save(path)
+        with pytest.raises(mr.MissingFileError, match=said):
+            mr.Routes.load(path)
+    assert mr.Routes.load(blocker).equal(routes)  # (the file in the way is left as it was)
+    with pytest.raises(mr.MissingFileError, match=r"create it first$"):
+        routes.save(tmp_path / "no_folder" / "routes.npz")
+    assert sorted(os.listdir(tmp_path)) == ["routes.npz"]
