@@ -556,6 +556,35 @@ def _matcher_parts(spec: Matcher | None) -> list[Any]:
     return [spec]
 
 
+def _refuse_module_instances(model: nn.Module, spec: Matcher | None, role: str) -> None:
+    """Refuse a module instance among the matchers of ``spec``, naming its path(s) in ``model``.
+
+    Raises:
+        ArgumentTypeError: a part of ``spec`` is an ``nn.Module``; the message gives the path to pass instead (or
+            says that the module is no part of ``model``).
+    """
+    for part in _matcher_parts(spec):
+        if not isinstance(part, nn.Module):
+            continue
+        cls = type(part).__name__
+        paths = [n for n, m in model.named_modules(remove_duplicate=False) if m is part and n]
+        if part is model:
+            raise ArgumentTypeError(
+                f"{role}= got the model itself ({cls}), which is never a router: name its router modules by path "
+                f"or glob ({role}='layers.*.mlp.gate'), by class, or by a predicate (lambda name, module: ...)"
+            )
+        if paths:
+            said = ", ".join(repr(p) for p in paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+            where = f"its path{' is' if len(paths) == 1 else 's are'} {said} in {type(model).__name__}"
+            example = paths[0]
+        else:
+            where, example = f"it is no module of {type(model).__name__}", "layers.0.mlp.gate"
+        raise ArgumentTypeError(
+            f"{role}= got a module instance ({cls}), not a name: {where}. Name it by its path ({role}={example!r}), "
+            f"its class ({role}={cls}), or a predicate such as lambda name, module: module is gate"
+        )
+
+
 def _compile_matcher(spec: Matcher | None, role: str = "include/exclude") -> Callable[[str, nn.Module], bool] | None:
     """``spec`` (see :data:`Matcher`) as a predicate ``(name, module) -> bool``; ``role`` names it in errors.
 
@@ -1148,6 +1177,8 @@ def find_routers(
     if not isinstance(adapters, list) or not all(isinstance(a, Adapter) for a in adapters):
         raise ArgumentTypeError(f"adapters must be a sequence of mr.Adapter, got {adapters!r:.80}")
     include, exclude = _frozen_matcher(include), _frozen_matcher(exclude)
+    _refuse_module_instances(model, include, "include")
+    _refuse_module_instances(model, exclude, "exclude")
     inc = _compile_matcher(include, "include")
     exc = _compile_matcher(exclude, "exclude")
     if include is not None and not _matcher_parts(include):

@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 import moe_replay as mr
+
+from .conftest import assert_untouched, snapshot
 
 #: (style, an override that style does not read)
 _UNREAD = [
@@ -74,3 +77,34 @@ def test_a_routes_path_through_a_file_says_the_file_is_in_the_way(tmp_path: Path
     with pytest.raises(mr.MissingFileError, match=r"create it first$"):
         routes.save(tmp_path / "no_folder" / "routes.npz")
     assert sorted(os.listdir(tmp_path)) == ["routes.npz"]
+
+
+class _Shared(nn.Module):
+    """One router module reached by two paths (``a.router`` and ``b.router``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Module(), nn.Module()
+        self.a.router = self.b.router = nn.Linear(4, 8, bias=False)
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.parametrize("call", ["find_routers", "attach"])
+def test_a_module_instance_as_include_or_exclude_is_refused_with_its_path(call: str) -> None:
+    """Once the refusal said "name it by its path ('layers.0.mlp.gate')", a path this model does not have, for
+    its router at layers.0.mlp.router; it now gives the module's own path(s), or says it is no part of the model."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    before = snapshot(model)
+    router = model.layers[1].mlp.router
+    with pytest.raises(mr.ArgumentTypeError, match=r"its path is 'layers\.1\.mlp\.router' in MoETransformer\. "):
+        getattr(mr, call)(model, include=router)
+    with pytest.raises(mr.ArgumentTypeError, match=r"\(exclude='layers\.1\.mlp\.router'\), its class"):
+        getattr(mr, call)(model, exclude=["layers.0.mlp.router", router])
+    with pytest.raises(mr.ArgumentTypeError, match=r"it is no module of MoETransformer"):
+        getattr(mr, call)(model, include=nn.Linear(2, 2))
+    with pytest.raises(mr.ArgumentTypeError, match=r"the model itself \(MoETransformer\), which is never a router"):
+        getattr(mr, call)(model, include=model)
+    assert_untouched(model, before)
+    shared = _Shared()
+    with pytest.raises(mr.ArgumentTypeError, match=r"its paths are 'a\.router', 'b\.router' in _Shared"):
+        mr.find_routers(shared, include=[shared.a.router])
