@@ -135,15 +135,25 @@ def demo(
 
 
 # --------------------------------------------------------------------------- inspect
-def load_model(target: str, *, seed: int = 0, layers: int | None = None) -> tuple[nn.Module, str]:
+def load_model(target: str, *, seed: int | None = None, layers: int | None = None) -> tuple[nn.Module, str]:
     """The model ``inspect`` looks at, and one line describing where it came from.
 
     ``target`` is a reference style (:data:`moe_replay.models.STYLES`), a local HF
     checkpoint directory (``config.json`` + weights), or an HF model type such as
-    ``qwen3_moe`` (a tiny random instance; needs transformers).
+    ``qwen3_moe`` (a tiny random instance; needs transformers). ``seed`` (default 0) and ``layers`` shape a random
+    model; for a checkpoint directory, loaded as saved, they are refused rather than ignored.
     """
     from . import _hf
 
+    if _hf.is_checkpoint_dir(target) and target not in models.STYLES:
+        given = [f"--{name} {value}" for name, value in (("seed", seed), ("layers", layers)) if value is not None]
+        if given:
+            raise _UsageError(
+                f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} a random model, but {target} is a "
+                "checkpoint directory, loaded with "
+                "the weights and layers it was saved with: leave them out"
+            )
+    seed = 0 if seed is None else seed
     extra: dict[str, Any] = {}
     if target in models.STYLES:
         if layers is not None:
@@ -230,7 +240,7 @@ def inspect_model(
     top_k: int | None = None,
     num_experts: int | None = None,
     verify: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     layers: int | None = None,
     progress: bool | None = None,
 ) -> str:
@@ -250,7 +260,7 @@ def _inspect(
     top_k: int | None,
     num_experts: int | None,
     verify: bool,
-    seed: int,
+    seed: int | None,
     layers: int | None,
     progress: bool | None,
 ) -> tuple[str, str]:
@@ -456,7 +466,7 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
         type=_positive,
         help="layer count of a reference model; of a tiny random HF model, at most its default depth",
     )
-    q.add_argument("--seed", type=_seed, default=0, help="seed of a random model's weights (default 0)")
+    q.add_argument("--seed", type=_seed, default=None, help="seed of a random model's weights (default 0)")
     _progress_option(q, "the routers --verify establishes")
     return parser
 

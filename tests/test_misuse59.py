@@ -108,3 +108,23 @@ def test_a_module_instance_as_include_or_exclude_is_refused_with_its_path(call: 
     shared = _Shared()
     with pytest.raises(mr.ArgumentTypeError, match=r"its paths are 'a\.router', 'b\.router' in _Shared"):
         mr.find_routers(shared, include=[shared.a.router])
+
+
+@pytest.mark.reliability("silent wrong answers")
+def test_inspect_refuses_random_model_options_for_a_checkpoint_directory(tmp_path: Path, capsys: Any) -> None:
+    """Once silent: ``inspect ./checkpoint --layers 2`` printed every layer of the checkpoint and ``--seed 3`` loaded
+    the same weights, the options dropped; they shape a random model only, and a checkpoint is loaded as saved."""
+    from moe_replay.__main__ import main
+
+    (tmp_path / "config.json").write_text("{}")  # (refused before anything is loaded: no weights needed)
+    for argv, said in (
+        (["--layers", "2"], "--layers 2 shapes"),
+        (["--seed", "0"], "--seed 0 shapes"),
+        (["--seed", "3", "--layers", "1"], "--seed 3 and --layers 1 shape"),
+    ):
+        assert main(["inspect", str(tmp_path), *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {said} a random model, but {tmp_path} is a checkpoint directory"), err
+        assert err.rstrip().endswith("leave them out"), err
+    assert main(["inspect", "softmax_topk", "--seed", "3", "--layers", "1"]) == 0  # (a random model takes both)
+    assert "layers.0.mlp.router" in capsys.readouterr().out
