@@ -824,7 +824,9 @@ class Routes:
 
         ``dtype`` converts the array; a dtype that cannot hold every expert of a router (int8
         and 200 experts) or every value exactly (uint8 and -1 rows) is refused rather than
-        wrapped around: :meth:`from_numpy` could not read it back.
+        wrapped around: :meth:`from_numpy` could not read it back. Nor could it read rows that
+        ``validate=False`` let through (a repeated expert, ``-1`` beside an expert): they are checked
+        here, as :meth:`save` and the engine writers check them.
 
         Rows are in the order the routers saw the tokens: for a capture of routers that see a
         ``[batch, positions]`` batch sequence-first (layers that run ``[positions, batch, hidden]``),
@@ -842,6 +844,7 @@ class Routes:
                 )
         if self._data:
             self.num_tokens, self.top_k  # noqa: B018 - one [T, L, k] array needs one T and one k
+        self._ensure_valid()  # (the row checks validate=False deferred: an array from_numpy would refuse)
         arr = torch.stack(self._data, dim=1).numpy() if self._data else np.empty((0, 0, 0), np.int16)
         if dtype is None:
             return arr.copy()

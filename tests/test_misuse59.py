@@ -128,3 +128,20 @@ def test_inspect_refuses_random_model_options_for_a_checkpoint_directory(tmp_pat
         assert err.rstrip().endswith("leave them out"), err
     assert main(["inspect", "softmax_topk", "--seed", "3", "--layers", "1"]) == 0  # (a random model takes both)
     assert "layers.0.mlp.router" in capsys.readouterr().out
+
+
+@pytest.mark.reliability("silent wrong answers")
+@pytest.mark.parametrize(("row", "said"), [([3, 3], "repeats an expert"), ([-1, 1], "mixes -1")])
+def test_to_numpy_checks_the_rows_validate_false_deferred(row: list[int], said: str) -> None:
+    """Once silent: ``Routes(..., validate=False).to_numpy()`` wrote a repeated expert or a -1 beside an expert,
+    an array ``from_numpy`` refuses, while save() and every engine writer checked those rows first."""
+    good = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    bad = good.clone()
+    bad[1] = torch.tensor(row)
+    unchecked = mr.Routes([good, bad], names=["layers.0.gate", "layers.1.gate"], num_experts=8, validate=False)
+    with pytest.raises(mr.RoutesValidationError, match=rf"'layers\.1\.gate', token 1: row .*{said}"):
+        unchecked.to_numpy()
+    with pytest.raises(mr.RoutesValidationError, match=said):  # (refused alike wherever it is written)
+        unchecked.save(os.devnull)
+    fine = mr.Routes([good, good], names=["layers.0.gate", "layers.1.gate"], num_experts=8, validate=False)
+    assert fine.to_numpy().tolist() == torch.stack([good, good], dim=1).tolist()
