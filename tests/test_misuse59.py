@@ -1,6 +1,7 @@
 """Misuse of the public API by a hurried user: a reference-model setting its router style never reads, a batch
-of token ids handed to a layout as one sequence, a routes path through a file. Each answer is the plain result,
-or a ``MoEReplayError`` that names what is wrong and what to do."""
+of token ids handed to a layout as one sequence, a routes path through a file, a module instance as include=,
+``inspect --seed/--layers`` of a checkpoint directory, ``to_numpy`` of unvalidated rows. Each answer is the plain
+result, or a ``MoEReplayError`` (a usage error, on the command line) that names what is wrong and what to do."""
 
 from __future__ import annotations
 
