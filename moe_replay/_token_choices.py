@@ -11,13 +11,20 @@ nearest module holding routers around it runs on fewer tokens, or on all of them
 token; or a boolean mask made by a threshold on such scores that it picks tokens by, ``x[mask]`` or
 ``mask.nonzero()``), and from then on each of their forwards is tapped: a capture records the indices of every ranking
 the module takes in its own forward, and every boolean mask it picks by (a mask given as input too: the same at
-replay), in call order, and the routes read from it keep them; a replay compares each with
-the recorded one and refuses, with :class:`~moe_replay.TokenMismatchError`, a choice that differs, or routes that hold
-no record of it. A recompute in backward (activation checkpointing) repeats the forward's choice and is not counted.
+replay), in call order, and the routes read from it keep them with how many each forward of the model took; a
+replay compares each with the recorded one and refuses, with :class:`~moe_replay.TokenMismatchError`, a choice that
+differs, or routes that hold no record of it. Where the routes know the rankings of each forward and the replay's
+forwards are counted (eager ones of the model itself), a forward's rankings are compared with those of the capture's
+forward of the same number, and a forward that takes fewer or more than that one is refused as it ends or as it takes
+one too many: a choice made in another forward at replay than at the capture (the routers of one forward seeing every
+token, those of the next a chosen few) would otherwise match in call order while each forward is forced the other's
+rows. Elsewhere (a compiled forward, a part of the model called alone) they are compared in call order. A recompute in
+backward (activation checkpointing) repeats the forward's choice and is not counted.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,23 +61,79 @@ class ChoiceLog:
         #: what the routes of the open replay recorded (None: routes that hold no record of the choice)
         self.expected: tuple[tuple[str, torch.Tensor], ...] | None = None
         self.at = 0  # the next ranking of the replay, among ``expected``
+        #: how many of ``expected`` each forward of the capture took (None: not told; they are compared in call order)
+        self.per_forward: tuple[int, ...] | None = None
+        self.forward = -1  # the replay's counted forward under way or last (its number from 0)
+        self.open = False  # whether a counted forward of the replay is under way
+        self.taken = 0  # the rankings the counted forward under way took
 
-    def start_replay(self, expected: tuple[tuple[str, torch.Tensor], ...] | None) -> None:
-        """A replay of routes that recorded ``expected`` starts."""
+    def start_replay(
+        self, expected: tuple[tuple[str, torch.Tensor], ...] | None, per_forward: tuple[int, ...] | None = None
+    ) -> None:
+        """A replay of routes that recorded ``expected``, ``per_forward`` of them in each forward where told,
+        starts."""
+        told = expected is not None and per_forward is not None and sum(per_forward) == len(expected)
         self.expected, self.at, self.replaying = expected, 0, True
+        self.per_forward = per_forward if told else None
+        self.forward, self.open, self.taken = -1, False, 0
 
     def end_replay(self) -> None:
         """The replay ended."""
         self.expected, self.at, self.replaying = None, 0, False
+        self.per_forward, self.forward, self.open, self.taken = None, -1, False, 0
+
+    def finish(self) -> None:
+        """The replay's block ends without an error: its last counted forward, if still open (its forward's end was
+        not seen), took as many rankings as the capture's."""
+        if self.replaying:
+            self._close()
 
     def clear(self) -> None:
         """A capture starts anew: nothing recorded yet."""
         self.recorded, self.counts = [], []
 
     def begin(self) -> None:
-        """A forward of the model starts (not a recompute in backward): the rankings noted next are its own."""
-        if self.capturing and self.counts is not None and current_graph_task_id() == -1:
+        """A forward of the model starts (not a recompute in backward): the rankings noted next are its own. In a
+        replay, the forward before it is checked to have taken all of its capture's forward's (see :meth:`end`)."""
+        if current_graph_task_id() != -1:
+            return
+        if self.capturing and self.counts is not None:
             self.counts.append(0)
+        if self.replaying and self.per_forward is not None:
+            self._close()
+            self.forward += 1
+            self.open, self.taken = True, 0
+            self.at = sum(self.per_forward[: self.forward])
+
+    def end(self, failed: bool) -> None:
+        """A counted forward of the model ends (``failed``: it raises, and is not checked): in a replay, refuse it
+        where it took fewer rankings than the capture's forward of the same number."""
+        if current_graph_task_id() != -1 or not self.replaying:
+            return
+        if failed:
+            self.open = False
+        else:
+            self._close()
+
+    def _wanted(self) -> int:
+        """How many rankings the capture's forward of the number of the replay's counted forward took."""
+        per = self.per_forward or ()
+        return per[self.forward] if 0 <= self.forward < len(per) else 0
+
+    def _close(self) -> None:
+        """The counted forward of the replay under way ends: refuse it where it took fewer rankings than the
+        capture's forward of its number."""
+        if not self.open or self.per_forward is None or self.expected is None:
+            return
+        self.open = False
+        wanted = self._wanted()
+        if self.taken < wanted:
+            want_path = self.expected[self.at][0]
+            raise TokenMismatchError(
+                f"{self._what(want_path)}, and forward {self.forward + 1} of this replay took {self.taken} of its "
+                f"choices where that forward of the capture took {wanted}: the choice was made in other forwards "
+                f"than at the capture, so this forward's routers saw other tokens than the recorded rows'. {_FIX}"
+            )
 
     def forwards(self) -> tuple[int, ...] | None:
         """How many rankings each forward of the capture took, where every ranking was taken in a counted forward."""
@@ -88,15 +151,29 @@ class ChoiceLog:
             else:  # (no forward counted before it: which forward took it is not told)
                 self.counts = None
         if self.replaying:
+            if self.open and self.per_forward is not None and self.expected is not None:
+                wanted = self._wanted()
+                if self.taken >= wanted:
+                    raise TokenMismatchError(
+                        f"{self._what(path)}, and forward {self.forward + 1} of this replay chose its tokens more "
+                        f"times than that forward of the capture ({wanted}): the choice was made in other forwards "
+                        f"than at the capture, so the recorded rows would be forced on other tokens. {_FIX}"
+                    )
+                self.taken += 1
             self._compare(path, indices.detach())
 
-    def _compare(self, path: str, indices: torch.Tensor) -> None:
-        what = (
+    @staticmethod
+    def _what(path: str) -> str:
+        """What the module at ``path`` does, for a refusal."""
+        return (
             f"'{path}' chooses, by scores of its own along the tokens (a ranking, or a boolean mask it picks tokens "
             "by), which tokens reach the routers after it, or in which order (Mixture-of-Depths, a sort of the "
             "tokens): routes are rows in the order a router "
             "sees its tokens"
         )
+
+    def _compare(self, path: str, indices: torch.Tensor) -> None:
+        what = self._what(path)
         if self.expected is None:
             raise TokenMismatchError(
                 f"{what}, and these routes hold no record of that choice (they were not read by session.routes() of a "
@@ -192,6 +269,18 @@ class _Begin(_Inert):
             self.log.begin()
 
 
+class _End(_Inert):
+    """The forward hook of the tapped model (called also where the forward raises): tells the log that a forward
+    ends."""
+
+    def __init__(self, log: ChoiceLog) -> None:
+        self.log = log
+
+    def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.log.end(failed=sys.exc_info()[0] is not None)
+
+
 class _TapLeave(_Inert):
     """The forward hook of a :class:`_Tap`."""
 
@@ -209,7 +298,11 @@ def tap_choices(model: nn.Module, paths: Iterable[str], log: ChoiceLog, *, count
     function that takes the taps off."""
     names = {id(m): n for n, m in model.named_modules()}
     taps: list[_Tap] = []
-    counted = [model.register_forward_pre_hook(_Begin(log))] if count else []
+    counted = (
+        [model.register_forward_pre_hook(_Begin(log)), model.register_forward_hook(_End(log), always_call=True)]
+        if count
+        else []
+    )
     for path in dict.fromkeys(paths):
         try:
             module = model.get_submodule(path)

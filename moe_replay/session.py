@@ -2482,10 +2482,14 @@ class Session:
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
         stop = self._watch()
         self._set(replaying=True)
-        self._choices.start_replay(getattr(routes, "_token_choices", None) if isinstance(routes, Routes) else None)
+        self._choices.start_replay(
+            getattr(routes, "_token_choices", None) if isinstance(routes, Routes) else None,
+            getattr(routes, "_choice_forwards", None) if isinstance(routes, Routes) else None,
+        )
         ok = False
         try:
             yield
+            self._choices.finish()  # (a forward whose end its taps did not see: the rankings it took)
             self._check_unchanged("replay()", skeleton, calls)
             ok = True
         except ReplayConsumptionError as e:  # a forward that overdrew: one fed other tokens is the likelier cause

@@ -289,7 +289,6 @@ class _EveryOtherForward(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(strict=True, reason="rankings are compared in call order, not by the forward they were made in")
 def test_a_token_choice_made_in_another_forward_at_replay_is_refused() -> None:
     """Capture two forwards, MoD choosing in the first only; replay them with MoD choosing in the second only: the
     same rankings in the same order, the same rows in all, but the first forward's routers see every token and are
