@@ -37,7 +37,7 @@ from .errors import TokenMismatchError
 from .evidence import NESTING, UNWRAP, unwrap
 from .orphans import TOKEN_CHOICES, TOKEN_MASKS, _calling_module, _Inert, _ordering, choice_indices, picking_mask
 
-__all__ = ["ChoiceLog", "tap_choices"]
+__all__ = ["ChoiceLog", "count_forwards", "tap_choices"]
 
 #: what a replay refused by :class:`ChoiceLog` tells the user to do
 _FIX = (
@@ -292,17 +292,25 @@ class _TapLeave(_Inert):
         self.tap.close()
 
 
+def count_forwards(model: nn.Module, log: ChoiceLog) -> Callable[[], None]:
+    """Tell ``log`` where each forward of ``model`` itself begins and ends (eager ones; not a recompute in backward);
+    returns a function that stops."""
+    handles = [model.register_forward_pre_hook(_Begin(log)), model.register_forward_hook(_End(log), always_call=True)]
+
+    def stop() -> None:
+        while handles:
+            handles.pop().remove()
+
+    return stop
+
+
 def tap_choices(model: nn.Module, paths: Iterable[str], log: ChoiceLog, *, count: bool) -> Callable[[], None]:
     """Tap the forwards of the modules of ``model`` at ``paths`` (choosers of the tokens their routers see) into
     ``log``, and with ``count`` the forwards of ``model`` itself (where each forward's rankings start); returns a
     function that takes the taps off."""
     names = {id(m): n for n, m in model.named_modules()}
     taps: list[_Tap] = []
-    counted = (
-        [model.register_forward_pre_hook(_Begin(log)), model.register_forward_hook(_End(log), always_call=True)]
-        if count
-        else []
-    )
+    counted = [count_forwards(model, log)] if count else []
     for path in dict.fromkeys(paths):
         try:
             module = model.get_submodule(path)
@@ -323,6 +331,6 @@ def tap_choices(model: nn.Module, paths: Iterable[str], log: ChoiceLog, *, count
                 h.remove()
         taps.clear()
         while counted:
-            counted.pop().remove()
+            counted.pop()()
 
     return stop

@@ -1289,14 +1289,16 @@ class OrphanWatch(TorchFunctionMode):
             )
 
     def not_run(self, ran: set[int]) -> list[str]:
-        """Paths of the outermost modules inside MoE blocks, or holding a weight of two or more dimensions (learned
-        keys and a table whose rows they pick may be anywhere), outside attention, attached scopes, excluded modules
-        and expert banks, that the watched forward did not run, whose ids are not in ``ran``: a branch it did not
-        take (another router for long inputs, a layer skipped) that a later forward may.
+        """Paths of the modules inside MoE blocks, or holding a weight of two or more dimensions (learned keys and a
+        table whose rows they pick may be anywhere), outside attention, attached scopes, excluded modules and expert
+        banks, that the watched forward did not run, whose ids are not in ``ran``: a branch it did not take (another
+        router for long inputs, a layer skipped) that a later forward may. The modules inside such a module are among
+        them: a later forward may run them without it (a layer list held by a module whose own forward the model
+        never calls, its layers called one by one).
         """
         found: list[str] = []
         for name, module in self.modules.items():
-            if not name or id(module) in ran or any(name.startswith(f + ".") for f in found):
+            if not name or id(module) in ran:
                 continue
             if not self._known(name) and not self._in_bank(name) and (self._in_moe(name) or self._tables(name)):
                 found.append(name)
@@ -1504,31 +1506,50 @@ class _FirstRun(_Inert):
     #: a first-run watch is open in this process (one at a time: a module it runs inside is watched with it)
     active = False
 
-    def __init__(self, name: str, watch: Callable[[], OrphanWatch], on_pass: Callable[[str], None]) -> None:
+    def __init__(
+        self, name: str, watch: Callable[[], OrphanWatch], on_pass: Callable[[str, OrphanWatch], None]
+    ) -> None:
         self.name, self.watch, self.on_pass = name, watch, on_pass
         self.watching: OrphanWatch | None = None
         self.handles: list[Any] = []
+        self.inner: Any = None  # the global pre-hook that tells the watch of each module run inside, while open
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling() or _FirstRun.active:
             return
-        self.watching = self.watch()
-        self.watching.__enter__()
+        self.watching = watch = self.watch()
+        watch.seed(args, module_call_kwargs())  # (the module's input: its tokens, as the model's forward is seeded)
+        watch.__enter__()
         _FirstRun.active = True
+
+        def entered(inner: nn.Module, inner_args: Any) -> None:
+            if inner is not module and not torch.compiler.is_compiling():
+                watch.entered(inner, inner_args)  # (a router fed fewer tokens after a ranking: a chooser found)
+
+        from torch.nn.modules import module as _module
+
+        self.inner = _module.register_module_forward_pre_hook(entered)
 
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
         watch = self.watching
         if torch.compiler.is_compiling() or watch is None:
             return
         self.watching, _FirstRun.active = None, False
+        self._drop_inner()
         watch.__exit__(None, None, None)
         watch.check()
         if sys.exc_info()[0] is None:  # (always_call: also run while the forward raises)
             self.remove()
-            self.on_pass(self.name)
+            self.on_pass(self.name, watch)
+
+    def _drop_inner(self) -> None:
+        if self.inner is not None:
+            self.inner.remove()
+            self.inner = None
 
     def remove(self) -> None:
         """Take the hooks off the module (and close a watch left open)."""
+        self._drop_inner()
         if self.watching is not None:
             self.watching.__exit__(None, None, None)
             self.watching, _FirstRun.active = None, False
@@ -1543,23 +1564,33 @@ def watch_first_runs(
     scopes: Iterable[str],
     widths: Iterable[int],
     excluded: Callable[[str, nn.Module], bool] | None,
-    on_pass: Callable[[str], None],
+    on_pass: Callable[[str, OrphanWatch], None],
 ) -> Callable[[], None]:
     """Watch the next run of each module of ``model`` at ``paths`` (modules in MoE blocks that the watched
     forward did not run) as :func:`watch_forward` watches the model's; returns a function that stops.
 
     Hooks on those modules only (the modules every forward runs pay nothing): an :class:`OrphanWatch`
-    over the module's forward, refused as the model's is; once a run of it passes, its hooks go and
-    ``on_pass`` is called with its path.
+    over the module's forward, seeded with its input and told of each module run inside it, refused as the
+    model's is; once a run of it passes, its hooks go (and those of the modules at ``paths`` inside it, run with it)
+    and ``on_pass`` is called with its path and the watch (its
+    :attr:`~OrphanWatch.choosers` of the tokens reaching routers, found there as in the model's forward, and
+    what they chose).
     """
     scopes, widths = tuple(scopes), frozenset(widths)
     hooks: list[_FirstRun] = []
+
+    def passed(path: str, watch: OrphanWatch) -> None:
+        for inner in [h for h in hooks if h.name.startswith(path + ".")]:  # (run inside it, watched with it)
+            inner.remove()
+            hooks.remove(inner)
+        on_pass(path, watch)
+
     for path in paths:
         try:
             module = model.get_submodule(path)
         except AttributeError:  # (gone since: a change on the way to the routers watches the model again)
             continue
-        hook = _FirstRun(path, lambda: OrphanWatch(model, scopes, widths, excluded), on_pass)
+        hook = _FirstRun(path, lambda: OrphanWatch(model, scopes, widths, excluded), passed)
         hook.handles = [
             module.register_forward_pre_hook(hook),
             module.register_forward_hook(_Leave(hook), always_call=True),

@@ -55,7 +55,7 @@ from ._feeds import (
 from ._interrupts import hold_interrupts, interrupts_held
 from ._output_guard import is_guard
 from ._progress import Progress
-from ._token_choices import ChoiceLog, tap_choices
+from ._token_choices import ChoiceLog, count_forwards, tap_choices
 from .discovery import (
     Adapter,
     Matcher,
@@ -803,6 +803,7 @@ class Session:
         #: the rankings of the modules that choose which tokens reach their routers (see :mod:`._token_choices`)
         self._choices = ChoiceLog()
         self._tapped: set[str] = set()  # the paths of those tapped in the open block
+        self._counting = False  # whether the model's forwards are counted in the open block (see _count_forwards)
         self._attached = False
         self._has_capture = False
         self._interrupted: str | None = None  # the exception that ended the last capture, if one did
@@ -1097,11 +1098,13 @@ class Session:
         stops: list[Callable[[], None]] = [self._unstamp]
         passed_as_is = self._passed(model, scopes, "", self._left_out(model))
         if passed_as_is is not None:
+            if passed_as_is.not_run and not passed_as_is.choosers:  # (a chooser a first run finds: its forward's)
+                stops.append(self._count_forwards(model))
             if passed_as_is.choosers:  # (first: the stamp counts the hooks made)
                 stops.append(self._tap_choosers(model, passed_as_is.choosers))
             self._stamp(model, scopes)
             if passed_as_is.not_run:
-                stops.append(self._watch_first_runs(model, passed_as_is))
+                stops.append(self._watch_first_runs(model, passed_as_is, stops))
         else:
             ref = weakref.ref(model)
 
@@ -1112,11 +1115,14 @@ class Session:
                     # (the choices of the watched forward, made before its choosers were known: those of a module
                     # tapped already were noted as it made them)
                     chosen = [(c, i) for c, i in watch.chosen() if c not in self._tapped]
-                    if chosen and not self._tapped:  # (the model's forwards are counted from its taps on)
-                        if path:  # (a part's forward: which of the model's forwards took them is not told)
-                            self._choices.counts = None
-                        else:
-                            self._choices.begin()
+                    # (the model's forwards are counted from here on where a module may choose its routers' tokens:
+                    # one that chose, or a first run still to watch; this one, over now, counted first)
+                    if not path and (chosen or not_run) and not self._counting:
+                        self._choices.begin()
+                        if not_run:
+                            stops.append(self._count_forwards(watched))
+                    elif path and chosen and not self._counting:  # (a part's forward: which of the model's is not told)
+                        self._choices.counts = None
                     for chooser, indices in chosen:
                         self._choices.note(chooser, indices)
                     if watch.choosers:
@@ -1124,7 +1130,7 @@ class Session:
                     if not path:
                         self._stamp(watched, self._scopes())
                     if not_run:  # (the rest of this block too)
-                        stops.append(self._watch_first_runs(watched, skeleton))
+                        stops.append(self._watch_first_runs(watched, skeleton, stops))
 
             def passed(path: str) -> bool:
                 watched = ref()
@@ -1137,7 +1143,7 @@ class Session:
         self._watching = True
 
         def stop_watching() -> None:
-            self._watching = False
+            self._watching = self._counting = False
             for stop in stops:
                 stop()
             self._tapped.clear()
@@ -1148,9 +1154,16 @@ class Session:
         """Tap, for the open block, the modules at ``paths`` that choose which tokens reach their routers (see
         :mod:`._token_choices`), those not tapped already."""
         new = [p for p in paths if p not in self._tapped]
-        count = not self._tapped  # (the first taps of the block count the model's forwards too)
+        count = not self._counting  # (the first taps of the block count the model's forwards too, where none do)
+        self._counting = True
         self._tapped.update(new)
         return tap_choices(model, new, self._choices, count=count)
+
+    def _count_forwards(self, model: nn.Module) -> Callable[[], None]:
+        """Count, for the open block, the forwards of ``model`` itself (where each one's rankings start: see
+        :mod:`._token_choices`), before any module is known to choose its routers' tokens."""
+        self._counting = True
+        return count_forwards(model, self._choices)
 
     def _stamp(self, model: nn.Module, scopes: list[str]) -> None:
         """Note, as the model's forward is known to pass the watch in the open block, what :meth:`_recheck`
@@ -1213,12 +1226,28 @@ class Session:
         finally:
             self._rewatching = False
 
-    def _watch_first_runs(self, model: nn.Module, skeleton: _Skeleton) -> Callable[[], None]:
+    def _watch_first_runs(
+        self, model: nn.Module, skeleton: _Skeleton, stops: list[Callable[[], None]]
+    ) -> Callable[[], None]:
         """Watch the first run of each module in an MoE block that the watched forward of ``model`` did not
-        run (a branch it did not take: a router there would be neither recorded nor forced)."""
-        return watch_first_runs(
-            model, list(skeleton.not_run), self._scopes(), self._widths(), self._excluded, skeleton.not_run.discard
-        )
+        run (a branch it did not take: a router there would be neither recorded nor forced). A module that chooses
+        which tokens reach its routers, found in such a run (Mixture-of-Depths first run in a later forward), is
+        noted on ``skeleton`` (tapped in every later block), its choice in that run noted, and it is tapped for the
+        rest of the block (its taps' removal added to ``stops``)."""
+        ref = weakref.ref(model)
+
+        def on_pass(path: str, watch: OrphanWatch) -> None:
+            skeleton.not_run.difference_update([p for p in skeleton.not_run if p == path or p.startswith(path + ".")])
+            watched = ref()
+            if watched is None or not watch.choosers:
+                return
+            skeleton.choosers = tuple(dict.fromkeys((*skeleton.choosers, *watch.choosers)))
+            chosen = [(c, i) for c, i in watch.chosen() if c not in self._tapped]
+            for chooser, indices in chosen:
+                self._choices.note(chooser, indices)
+            stops.append(self._tap_choosers(watched, watch.choosers))
+
+        return watch_first_runs(model, list(skeleton.not_run), self._scopes(), self._widths(), self._excluded, on_pass)
 
     @staticmethod
     def _passed(model: nn.Module, scopes: list[str], path: str, left_out: frozenset[str]) -> _Skeleton | None:
