@@ -77,7 +77,7 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -288,6 +288,8 @@ def _calling_module(names: dict[int, str], depth: int = 2) -> tuple[str | None, 
     f: types.FrameType | None = sys._getframe(depth)
     while f is not None:
         me = f.f_locals.get("self")
+        if me is None:  # (a method whose first parameter has another name: ``def forward(module, x)``)
+            me = _method_owner(f)
         if isinstance(me, ScopedForward):
             me = me.__moe_replay_hook__.scope
         if isinstance(me, nn.Module) and id(me) in names:
@@ -297,6 +299,37 @@ def _calling_module(names: dict[int, str], depth: int = 2) -> tuple[str | None, 
 
 
 _MODULE_CALL = nn.Module.__call__.__code__.co_filename  # torch/nn/modules/module.py: where hooks are run
+#: the code of every function a module class defines (its own and its bases'), by class (see :func:`_method_owner`)
+_METHOD_CODES: weakref.WeakKeyDictionary[type, frozenset[types.CodeType]] = weakref.WeakKeyDictionary()
+
+
+def _codes_of(value: Any) -> Iterator[types.CodeType]:
+    """The code of a function a class holds (a static or class method's, and those a decorator wrapped, a few
+    deep)."""
+    fn = getattr(value, "__func__", value) if isinstance(value, staticmethod | classmethod) else value
+    for _ in range(4):
+        if not isinstance(fn, types.FunctionType):
+            return
+        yield fn.__code__
+        fn = getattr(fn, "__wrapped__", None)
+
+
+def _method_owner(frame: types.FrameType) -> nn.Module | None:
+    """The module a frame runs a method of, where that method names its first parameter otherwise than ``self``
+    (``def forward(module, x)``): the frame's first argument, where it is a module whose class (or a base) defines
+    the function the frame runs; else None (a hook or a helper given a module is none)."""
+    code = frame.f_code
+    if not code.co_argcount:
+        return None
+    me = frame.f_locals.get(code.co_varnames[0])
+    if not isinstance(me, nn.Module):
+        return None
+    kind = type(me)
+    codes = _METHOD_CODES.get(kind)
+    if codes is None:
+        codes = frozenset(c for base in kind.__mro__ for v in vars(base).values() for c in _codes_of(v))
+        _METHOD_CODES[kind] = codes
+    return me if code in codes else None
 
 
 def _vector_choice(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, int, int] | None:
