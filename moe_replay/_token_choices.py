@@ -13,13 +13,14 @@ token; or a boolean mask made by a threshold on such scores that it picks tokens
 the module takes in its own forward, and every boolean mask it picks by (a mask given as input too: the same at
 replay), in call order, and the routes read from it keep them with how many each forward of the model took; a
 replay compares each with the recorded one and refuses, with :class:`~moe_replay.TokenMismatchError`, a choice that
-differs, or routes that hold no record of it. Where the routes know the rankings of each forward and the replay's
-forwards are counted (eager ones of the model itself), a forward's rankings are compared with those of the capture's
-forward of the same number, and a forward that takes fewer or more than that one is refused as it ends or as it takes
-one too many: a choice made in another forward at replay than at the capture (the routers of one forward seeing every
-token, those of the next a chosen few) would otherwise match in call order while each forward is forced the other's
-rows. Elsewhere (a compiled forward, a part of the model called alone) they are compared in call order. A recompute in
-backward (activation checkpointing) repeats the forward's choice and is not counted.
+differs, routes that hold no record of it, or a replay that consumed every row yet never made a choice the capture
+recorded (the module's forward took a path that chooses none). Where the routes know the rankings of each forward and
+the replay's forwards are counted (eager ones of the model itself), a forward's rankings are compared with those of
+the capture's forward of the same number, and a forward that takes fewer or more than that one is refused as it ends
+or as it takes one too many: a choice made in another forward at replay than at the capture (the routers of one
+forward seeing every token, those of the next a chosen few) would otherwise match in call order while each forward is
+forced the other's rows. Elsewhere (a compiled forward, a part of the model called alone) they are compared in call
+order. A recompute in backward (activation checkpointing) repeats the forward's choice and is not counted.
 """
 
 from __future__ import annotations
@@ -77,16 +78,30 @@ class ChoiceLog:
         self.per_forward = per_forward if told else None
         self.forward, self.open, self.taken = -1, False, 0
 
-    def end_replay(self) -> None:
-        """The replay ended."""
+    def end_replay(self) -> int:
+        """The replay ended: how many recorded choices it never made (0 where the routes hold no record)."""
+        unmet = 0 if self.expected is None else max(len(self.expected) - self.at, 0)
         self.expected, self.at, self.replaying = None, 0, False
         self.per_forward, self.forward, self.open, self.taken = None, -1, False, 0
+        return unmet
 
     def finish(self) -> None:
         """The replay's block ends without an error: its last counted forward, if still open (its forward's end was
         not seen), took as many rankings as the capture's."""
         if self.replaying:
             self._close()
+
+    @staticmethod
+    def unmet_error(unmet: int, recorded: int) -> TokenMismatchError:
+        """The refusal of a replay that consumed every row yet made ``unmet`` of the ``recorded`` choices of which
+        tokens reach the routers never (the choosing module swapped, or a path of its forward that chooses none)."""
+        return TokenMismatchError(
+            f"the capture recorded {recorded} choice(s), made outside the routers by a module's own scores (a ranking, "
+            f"or a boolean mask it picks tokens by), of which tokens reach the routers, and this replay made "
+            f"{recorded - unmet} of them: its routers were fed tokens no recorded choice shows are the ones their "
+            f"rows were recorded on (the choosing module replaced, or its forward taking a path that chooses none), "
+            f"so the recorded rows may have been forced on other tokens. {_FIX}"
+        )
 
     def clear(self) -> None:
         """A capture starts anew: nothing recorded yet."""

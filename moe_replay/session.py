@@ -2511,10 +2511,11 @@ class Session:
         skeleton, calls = self._skeleton(), [h.calls for h in self._hooks]
         stop = self._watch()
         self._set(replaying=True)
+        recorded = getattr(routes, "_token_choices", None) if isinstance(routes, Routes) else None
         self._choices.start_replay(
-            getattr(routes, "_token_choices", None) if isinstance(routes, Routes) else None,
-            getattr(routes, "_choice_forwards", None) if isinstance(routes, Routes) else None,
+            recorded, getattr(routes, "_choice_forwards", None) if isinstance(routes, Routes) else None
         )
+        unmet = 0
         ok = False
         try:
             yield
@@ -2530,7 +2531,7 @@ class Session:
             raise
         finally:
             self._set(replaying=False)
-            self._choices.end_replay()
+            unmet = self._choices.end_replay()
             if stop is not None:
                 stop()
             if stop_check is not None:
@@ -2595,6 +2596,12 @@ class Session:
                 )
         if ok and untold is not None and every:
             _check_untold_rows(every, dict(zip((id(src) for _, src in sources), used, strict=False)), untold)
+        # (every row consumed, yet a recorded choice of the tokens reaching the routers never made: nothing showed
+        # the routers were fed the tokens their rows were recorded on)
+        if ok and unmet and recorded is not None and every:
+            read = _read_counters([src.consumed for _, src in every])  # (read only here: a choice went unmade)
+            if all(u == src.num_rows for (_, src), u in zip(every, read, strict=True)):
+                raise ChoiceLog.unmet_error(unmet, len(recorded))
 
     def _token_check(
         self,
