@@ -205,16 +205,36 @@ TOKEN_MASKS = frozenset(
         torch.Tensor.argwhere,
         torch.masked_select,
         torch.Tensor.masked_select,
+        torch.where,  # (of one argument, its condition: ``nonzero(as_tuple=True)``)
     )
 )
-#: Comparisons whose result, of floating scores, is a threshold's mask (see :data:`TOKEN_MASKS`)
+#: Comparisons whose result, of floating scores, is a threshold's mask (see :data:`TOKEN_MASKS`); ``bool()`` of
+#: floating scores is one too (a threshold at zero: ``relu(s).bool()``, ``heaviside(s, 0).bool()``)
 _THRESHOLDS = frozenset(
     (
         torch.Tensor.__lt__,
         torch.Tensor.__le__,
         torch.Tensor.__gt__,
         torch.Tensor.__ge__,
+        torch.Tensor.bool,
         *(f for name in ("lt", "le", "gt", "ge") for f in (getattr(torch, name), getattr(torch.Tensor, name))),
+    )
+)
+#: Logical operations whose boolean result, of a threshold's mask, is one too (``keep & (rank < cap)``, ``~drop``)
+_MASK_LOGIC = frozenset(
+    (
+        torch.Tensor.__and__,
+        torch.Tensor.__rand__,
+        torch.Tensor.__or__,
+        torch.Tensor.__ror__,
+        torch.Tensor.__xor__,
+        torch.Tensor.__rxor__,
+        torch.Tensor.__invert__,
+        *(
+            f
+            for name in ("logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_and", "bitwise_or")
+            for f in (getattr(torch, name), getattr(torch.Tensor, name))
+        ),
     )
 )
 
@@ -228,6 +248,8 @@ def picking_mask(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> to
         mask = next((v for v in held if isinstance(v, torch.Tensor) and v.dtype == torch.bool), None)
     elif func in (torch.masked_select, torch.Tensor.masked_select):
         mask = _arg(args, kwargs, 1, "mask")
+    elif func is torch.where:  # (its condition, where given alone: the indices of its true entries)
+        mask = args[0] if len(args) == 1 and not kwargs else None
     else:
         mask = _arg(args, kwargs, 0, "input")
     return mask if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() >= 1 else None
@@ -696,7 +718,7 @@ class OrphanWatch(TorchFunctionMode):
         if func in TOKEN_CHOICES and not torch.compiler.is_compiling():
             ranking = self._holder_ranking(func, args, kwargs)
         masked = None  # the path of a module holding a router that thresholds or picks by a mask (_holder_mask)
-        if (func in TOKEN_MASKS or func in _THRESHOLDS) and not torch.compiler.is_compiling():
+        if (func in TOKEN_MASKS or func in _THRESHOLDS or func in _MASK_LOGIC) and not torch.compiler.is_compiling():
             masked = self._holder_mask(func, args, kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows
@@ -889,6 +911,9 @@ class OrphanWatch(TorchFunctionMode):
             x = _arg(args, kwargs, 0, "input")
             if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1):
                 return None
+        elif func in _MASK_LOGIC:  # (of a threshold's mask: its result is one too)
+            if not any(isinstance(v, torch.Tensor) and _weak_get(self.thresholds, v) is not None for v in args):
+                return None
         elif picking_mask(func, args, kwargs) is None and not (
             func is torch.Tensor.__getitem__ and _weak_get(self.thresholds, args[0]) is not None
         ):
@@ -906,7 +931,7 @@ class OrphanWatch(TorchFunctionMode):
         module picks by; one made by a threshold notes it in :attr:`ranked` (it may choose the tokens its routers
         see, as a ranking does)."""
         name, holder = where
-        if func in _THRESHOLDS:
+        if func in _THRESHOLDS or func in _MASK_LOGIC:
             if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
                 _weak_put(self.thresholds, out, True)
             return
