@@ -447,3 +447,198 @@ def test_dwr_blocks_with_their_norm_inside_replay_as_by_hand(streaming: bool) ->
     model = _seeded(lambda: DwrTransformer(streaming))()
     session = assert_exact(model, _seq())
     assert session.names == ("moe_ffn.router",), session.names
+
+
+# ----------------------------------------------------------------------- SwiftMart: one expert per sequence, by index
+# yannsusu/SwiftMart SystemCode/MoEMLP.py (``MoEMLP``): a gate Linear (with a bias), ``torch.topk`` of the logits per
+# token, the k values softmaxed; then, per slot ``i``, ``expert_idx = top_k_indices[..., i].view(-1)`` and
+# ``torch.stack([self.experts[idx](x[b]) for b, idx in zip(range(x.size(0)), expert_idx)])``: ``zip`` stops at the
+# batch size, so sequence ``b`` is run WHOLE through the expert that flattened token ``b`` chose in that slot (the
+# ``ModuleList`` indexed by a 0-d tensor), and every token's output is that sequence output weighted by its OWN slot
+# weight. Every token's row is read (its weights come from the logits its ids pick); the first ``batch`` rows also
+# pick the experts run.
+class SwiftMartMoEMLP(_Used):
+    def __init__(
+        self, in_features: int = D, hidden_features: int = 2 * D, num_experts: int = 4, top_k: int = 2
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.experts = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Linear(in_features, hidden_features), nn.GELU(), nn.Linear(hidden_features, in_features)
+                )
+                for _ in range(num_experts)
+            ]
+        )
+        self.gate = nn.Linear(in_features, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_logits = self.gate(x)
+        top_k_values, top_k_indices = torch.topk(gate_logits, self.top_k, dim=-1)
+        if self.forced is not None:
+            top_k_indices = self.forced.view(*gate_logits.shape[:-1], self.top_k)
+            top_k_values = gate_logits.gather(-1, top_k_indices)
+        self.used = top_k_indices.reshape(-1, self.top_k)
+        gate_scores = F.softmax(top_k_values, dim=-1)
+        outputs = torch.zeros_like(x)
+        for i in range(self.top_k):
+            expert_idx = top_k_indices[..., i].view(-1)
+            expert_out = torch.stack(
+                [self.experts[idx](x[b]) for b, idx in zip(range(x.size(0)), expert_idx, strict=False)]
+            )
+            outputs += gate_scores[..., i, None] * expert_out
+        return outputs
+
+
+class _OneBlock(nn.Module):
+    """One residual block over ``[batch, seq, d]``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+@pytest.mark.reliability("silent replays")
+def test_swiftmart_expert_per_sequence_picked_by_a_token_replays_as_by_hand() -> None:
+    """yannsusu/SwiftMart's ``MoEMLP``: a top-k of the logits per token, but each sequence run whole through the
+    experts that flattened token ``b`` chose (``zip`` over the batch, a ``ModuleList`` indexed by a 0-d tensor), every
+    token weighted by its own softmaxed slot values. Found with zero configuration; the recorded rows are the ids each
+    token's weights and the batch's experts were read from, and a replay after the gate changes forces them, in
+    output and gradients as by hand."""
+    model = _seeded(lambda: _OneBlock(SwiftMartMoEMLP()))()
+    session = assert_exact(model, _seq())
+    assert session.names == ("block.gate",), session.names
+
+
+# ----------------------------------------------------------------------- LibMoE TC-MoE: ternary and null choices
+# Fsoft-AIC/LibMoE vision_language_model/moe_model/model/moe/moe_tcmoe.py (``TCMoELayer``, TC-MoE: ternary expert
+# choice) over moe.py's ``MoeLayer``: the bias-free ``gate`` is ``2 * E + k`` wide (each expert once with a plus sign,
+# once with a minus sign, and ``k`` null experts); ``topk_expert`` clones the logits, takes 1 off the minus half and
+# 10 off the nulls, softmaxes, takes ``torch.topk`` of ``k``, and renormalises the softmax by the chosen non-null
+# weights plus ALL the nulls' probabilities, the k weights gathered back from that. ``compute_moe`` runs expert
+# ``id % E`` (``torch.where(base_idx == i)`` over ``[B, N, k]``) with sign ``+1``, ``-1`` or ``0`` (a null: the
+# expert of ``id % E`` still runs, its output times 0). The losses: a balance loss over the non-null choices (a
+# ``scatter_add_`` of their base ids), a z-loss, a reward for null probability in training.
+class _TcArgs:
+    """The ``args`` namespace the layer reads its loss coefficients from."""
+
+    balance_loss_coef, router_z_loss_coef = 0.01, 0.001
+
+
+class TcMoELayer(_Used):
+    def __init__(self, num_of_experts: int = 4, num_selected: int = 2, reward_factor: float = 1e-5) -> None:
+        super().__init__()
+        self.in_embed_dim = self.out_embed_dim = D
+        self.num_of_experts, self.num_selected = num_of_experts, num_selected
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D)) for _ in range(num_of_experts)
+        )
+        self.args = _TcArgs()
+        self.num_null = num_selected
+        self.router_dim = 2 * self.num_of_experts + self.num_null
+        self.gate = nn.Linear(self.in_embed_dim, self.router_dim, bias=False)
+        self.reward_factor = reward_factor
+
+    def topk_expert(self, gate_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        E = self.num_of_experts
+        sel = gate_logits.clone()
+        sel[..., E : 2 * E] = sel[..., E : 2 * E] - 1.0
+        sel[..., 2 * E :] = sel[..., 2 * E :] - 10.0
+        gate_softmax = F.softmax(sel, dim=-1)
+        weights, selected = torch.topk(gate_softmax, self.num_selected)
+        if self.forced is not None:
+            selected = self.forced.view(*gate_softmax.shape[:-1], self.num_selected)
+            weights = gate_softmax.gather(-1, selected)
+        self.used = selected.reshape(-1, self.num_selected)
+        weights_from_non_null_experts = weights * (selected < 2 * E).float()
+        weightsum_from_non_null_experts = weights_from_non_null_experts.sum(dim=-1, keepdim=True)
+        weightsum_from_null_experts = gate_softmax[..., 2 * E :].sum(dim=-1, keepdim=True)
+        weightsum = torch.clamp_min(weightsum_from_non_null_experts + weightsum_from_null_experts + 1e-20, 1e-6)
+        gates = gate_softmax / weightsum
+        return torch.gather(gates, -1, selected), selected, gate_softmax
+
+    def compute_moe(
+        self, selected_experts: torch.Tensor, weights: torch.Tensor, results: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        E = self.num_of_experts
+        base_idx = selected_experts % E
+        sign = torch.ones_like(weights)
+        sign[(selected_experts >= E) & (selected_experts < 2 * E)] = -1.0
+        sign[selected_experts >= 2 * E] = 0.0
+        for i, expert in enumerate(self.experts):
+            b, t, k = torch.where(base_idx == i)
+            if b.numel() == 0:
+                continue
+            out = expert(x[b, t])
+            w = weights[b, t, k] * sign[b, t, k]
+            results[b, t] += w.unsqueeze(-1) * out
+        return results
+
+    def add_perplexity_reg_tcmoe(
+        self, sel_aux: torch.Tensor, sel_index: torch.Tensor, bsz: int, seq_len: int
+    ) -> torch.Tensor:
+        E = self.num_of_experts
+        sel_aux_non_null = sel_aux[..., : 2 * E]
+        reward_loss: torch.Tensor | float = 0.0
+        if self.reward_factor > 0 and self.training:
+            reward_loss = -self.reward_factor * sel_aux[..., 2 * E :].sum() / (bsz * seq_len)
+        p_norm = sel_aux_non_null / (sel_aux_non_null.sum(-1, keepdim=True) + 1e-20)
+        base_expert_idx = sel_index % E
+        non_null_mask = sel_index < 2 * E
+        aux_loss = torch.zeros(bsz, E)
+        valid_assignments = base_expert_idx[non_null_mask]
+        if valid_assignments.numel() > 0:
+            aux_loss.scatter_add_(
+                1,
+                valid_assignments.unsqueeze(0).expand(bsz, -1),
+                torch.ones_like(valid_assignments).float().unsqueeze(0).expand(bsz, -1),
+            )
+        aux_loss = aux_loss / (non_null_mask.sum(dim=(1, 2)).float().unsqueeze(1) + 1e-20)
+        p_avg = p_norm.mean(dim=1)
+        p_base = p_avg[..., :E] + p_avg[..., E : 2 * E]
+        balance_loss = self.args.balance_loss_coef * (aux_loss * p_base).sum(dim=1).mean()
+        return balance_loss + reward_loss
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, dict[str, torch.Tensor]]:
+        gate_logits = self.gate(x)
+        weights, selected, gate_softmax = self.topk_expert(gate_logits)
+        output = torch.zeros(x.shape[0], x.shape[1], self.out_embed_dim, dtype=x.dtype)
+        output = self.compute_moe(selected, weights, output, x)
+        aux_loss = self.add_perplexity_reg_tcmoe(gate_softmax, selected, *gate_logits.shape[:2])
+        router_z_loss = torch.logsumexp(gate_logits, dim=-1).square().mean()
+        aux_loss = aux_loss + router_z_loss * self.args.router_z_loss_coef
+        return output, aux_loss, None, {"router_z_loss": router_z_loss.detach()}
+
+
+class _AuxBlock(nn.Module):
+    """A residual block around a layer returning ``(output, aux_loss, ...)``: the aux loss added to the output (the
+    training loss's two terms as one tensor)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.moe = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, aux, *_ = self.moe(x)
+        return x + out + aux
+
+
+@pytest.mark.reliability("silent replays")
+def test_libmoe_tcmoe_ternary_and_null_choices_replay_as_by_hand() -> None:
+    """Fsoft-AIC/LibMoE's ``TCMoELayer``: a gate ``2 * E + k`` wide over ``E`` experts (plus and minus copies of each,
+    and ``k`` nulls), the softmax's top-k renormalised by the chosen non-null weights plus every null's probability,
+    expert ``id % E`` run with sign ``+1``, ``-1`` or ``0``. Found with zero configuration; the recorded rows are the
+    ternary ids chosen (a token may pick an expert's plus and minus copies both), and a replay after the gate changes
+    forces them, in training, in output and gradients (the balance loss's ``scatter_add_`` of base ids and the null
+    reward included) as by hand."""
+    model = _seeded(lambda: _AuxBlock(TcMoELayer()))()
+    session = assert_exact(model, _seq(), train=True)
+    assert session.names == ("moe.gate",), session.names
+    layer = model.get_submodule("moe")
+    assert isinstance(layer, TcMoELayer) and layer.used is not None
+    assert (layer.used >= layer.num_of_experts).any(), "no minus copy was chosen: the case tries no sign"
