@@ -642,3 +642,140 @@ def test_libmoe_tcmoe_ternary_and_null_choices_replay_as_by_hand() -> None:
     layer = model.get_submodule("moe")
     assert isinstance(layer, TcMoELayer) and layer.used is not None
     assert (layer.used >= layer.num_of_experts).any(), "no minus copy was chosen: the case tries no sign"
+
+
+# ----------------------------------------------------------------------- MindSpeed-LLM: group-limited greedy, a map
+# MindSpeed-LLM (Huawei's Megatron patches, as vendored in Tr1gg3r-11/WebUi) mindspeed_llm/core/transformer/moe/
+# router.py ``group_limited_greedy_topKgating``, patched onto Megatron's ``TopKRouter``: every setting read from the
+# global ``get_args()`` (``micro_batch_size``, ``num_experts``, ``moe_router_topk``, ``norm_topk_prob``, ``seq_aux``,
+# the device-level and communication loss coefficients); the softmax of the ``[tokens, E]`` logits, each group's
+# ``max``, ``torch.topk(..., sorted=False)`` of the groups, a 0/1 group mask scattered, expanded to the experts and
+# ``masked_fill``-ed with 0 over the scores, ``torch.topk(..., sorted=False)`` of those, renormalised (or scaled by
+# ``moe_router_topk_scaling_factor``); the router returns NO ids: a dense ``topk_masked_gates`` (the weights scattered
+# into zeros) and a boolean ``topk_map``. In training it also keeps, on the router, an expert-level balance loss (a
+# per-sequence ``scatter_add_`` of the ids), a device-level one (per group) and a communication one (the groups each
+# token reaches, from a ``[b, s, E]`` ``scatter_add_``). A dispatcher over the map runs, per expert, its
+# ``topk_map[:, e].nonzero()`` tokens weighted by their column of the gates. Forced by hand, as for every group-limited
+# router of the suite, the groups kept are those of the forced experts.
+class _MindSpeedArgs:
+    micro_batch_size = 1
+    num_experts = 8
+    moe_router_topk = 2
+    norm_topk_prob = True
+    moe_router_topk_scaling_factor = 1.0
+    seq_aux = True
+    moe_device_level_aux_loss_coeff = 0.01
+    moe_comm_aux_loss_coeff = 0.01
+
+
+_MINDSPEED_ARGS = _MindSpeedArgs()
+
+
+def _get_args() -> _MindSpeedArgs:
+    """Megatron's ``get_args()``: the one global namespace of the run's settings."""
+    return _MINDSPEED_ARGS
+
+
+class _MindSpeedConfig:
+    moe_aux_loss_coeff = 0.01
+
+
+class MindSpeedTopKRouter(_Used):
+    def __init__(self, n_group: int = 4, topk_group: int = 2) -> None:
+        super().__init__()
+        args = _get_args()
+        self.config = _MindSpeedConfig()
+        self.weight = nn.Parameter(torch.randn(args.num_experts, D) * 0.5)
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.l_aux: torch.Tensor | float | None = None
+
+    def routing(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        args = _get_args()
+        seq_length = logits.shape[0]
+        scores = F.softmax(logits, dim=1)
+        group_scores = scores.view(args.micro_batch_size * seq_length, self.n_group, -1).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        if self.forced is not None:  # (by hand: the groups of the forced experts)
+            group_idx = self.forced // (args.num_experts // self.n_group)
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = (
+            group_mask.unsqueeze(-1)
+            .expand(args.micro_batch_size * seq_length, self.n_group, args.num_experts // self.n_group)
+            .reshape(args.micro_batch_size * seq_length, -1)
+        )
+        tmp_scores = scores.masked_fill(~score_mask.bool(), 0.0)
+        topk_weight, topk_idx = torch.topk(tmp_scores, k=args.moe_router_topk, dim=-1, sorted=False)
+        if self.forced is not None:
+            topk_idx = self.forced
+            topk_weight = tmp_scores.gather(1, topk_idx)
+        self.used = topk_idx
+        if args.moe_router_topk > 1 and args.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            topk_weight = topk_weight * args.moe_router_topk_scaling_factor
+        topk_masked_gates = torch.zeros_like(logits).scatter(1, topk_idx, topk_weight)
+        topk_map = torch.zeros_like(logits).int().scatter(1, topk_idx, 1).bool()
+        if not self.training:
+            self.l_aux = None
+            return topk_masked_gates, topk_map
+        b, k, E = args.micro_batch_size, args.moe_router_topk, args.num_experts
+        topk_idx_for_aux_loss = topk_idx.view(b, -1)
+        l_aux: torch.Tensor | float = 0
+        ce = torch.zeros(b, E)
+        ce.scatter_add_(1, topk_idx_for_aux_loss, torch.ones(b, seq_length * k))
+        fi = ce.div(seq_length * k / E)
+        Pi = scores.view(b, seq_length, -1).mean(dim=1)
+        l_aux += (Pi * fi).sum(dim=1).mean() * self.config.moe_aux_loss_coeff
+        P_devi = Pi.view(b, self.n_group, -1).sum(-1)
+        f_devi = fi.view(b, self.n_group, -1).mean(-1)
+        l_aux += (f_devi * P_devi).sum(dim=1).mean() * args.moe_device_level_aux_loss_coeff
+        ge = torch.zeros(b, seq_length, E)
+        ge.scatter_add_(2, topk_idx_for_aux_loss.view(b, seq_length, -1), torch.ones(b, seq_length, k))
+        ge = (ge.view(b, seq_length, self.n_group, -1).sum(-1) > 0).to(logits.dtype).sum(dim=1)
+        ge.div_(seq_length * self.topk_group / self.n_group)
+        l_aux += (ge * P_devi).sum(dim=1).mean() * args.moe_comm_aux_loss_coeff
+        self.l_aux = l_aux
+        return topk_masked_gates, topk_map
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight).view(-1, _get_args().num_experts)
+        return self.routing(logits)
+
+
+class MindSpeedMoELayer(nn.Module):
+    """A Megatron MoE layer over ``[tokens, d]``: the router's map and gates, a dispatcher by the map's columns, and
+    the router's training losses added to the output (the training loss's two terms as one tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = MindSpeedTopKRouter()
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D)) for _ in range(_get_args().num_experts)
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        probs, routing_map = self.router(hidden_states)
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self.experts):
+            idx = routing_map[:, e].nonzero().squeeze(-1)
+            if idx.numel():
+                out[idx] += probs[idx, e, None] * expert(hidden_states[idx])
+        l_aux = self.router.l_aux
+        return out if l_aux is None else out + l_aux
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_mindspeed_group_limited_greedy_router_returning_a_map_replays_as_by_hand(train: bool) -> None:
+    """MindSpeed-LLM's ``group_limited_greedy_topKgating``: settings from the global ``get_args()``, groups picked by
+    their max score (``sorted=False``), the other groups' scores set to 0, ``torch.topk(sorted=False)`` of those, and
+    no ids returned (a dense gates tensor and a boolean map), the map's columns dispatched by; in training the
+    expert-, device- and communication-level losses from ``scatter_add_`` of the ids. Found with zero configuration;
+    the recorded rows are the experts the map sent each token to, and a replay after the router changes forces them,
+    in output and gradients (the three losses included, in training) as by hand."""
+    model = _seeded(lambda: _OneBlock(MindSpeedMoELayer()))()
+    x = torch.randn(10, D, generator=torch.Generator().manual_seed(1))
+    session = assert_exact(model, x, train=train)
+    assert session.names == ("block.router",), session.names
