@@ -1,5 +1,6 @@
-"""MoE code of small time-series, streaming and vision codebases (a time-series foundation model, an expert-streaming
-runtime, a shopping recommender's MoE MLP), with zero configuration (see ``test_public_routers34``).
+"""MoE code of small time-series, streaming, recommender, vision-language and training-stack codebases (a
+time-series foundation model, an expert-streaming runtime, a shopping recommender's MoE MLP, LibMoE's ternary-choice
+TC-MoE, MindSpeed-LLM's group-limited router), with zero configuration (see ``test_public_routers34``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
