@@ -1,6 +1,7 @@
 """MoE code of small time-series, streaming, recommender, vision-language and training-stack codebases (a
 time-series foundation model, an expert-streaming runtime, a shopping recommender's MoE MLP, LibMoE's ternary-choice
-TC-MoE, MindSpeed-LLM's group-limited router), with zero configuration (see ``test_public_routers34``).
+TC-MoE, MindSpeed-LLM's group-limited router, a thesis' MoE query/key/value projections), with zero configuration
+(see ``test_public_routers34``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
@@ -780,3 +781,94 @@ def test_mindspeed_group_limited_greedy_router_returning_a_map_replays_as_by_han
     x = torch.randn(10, D, generator=torch.Generator().manual_seed(1))
     session = assert_exact(model, x, train=train)
     assert session.names == ("block.router",), session.names
+
+
+# ----------------------------------------------------------------------- MLMI thesis: MoE q/k/v projections
+# kj1080/MLMI_thesis MOE.py (``MoEAttentionProjection``, ``MoEBertSelfAttention``): BERT's self-attention with its
+# query, key and value projections each a mixture of ``nn.Linear`` experts, three routers per layer. Each gate Linear
+# (with a bias) is divided by a ``temperature`` read by ``getattr``, softmaxed and ``torch.topk``-ed; with
+# ``segment_expert_trigger`` the gate scores the MEAN of the sequence once and the softmax is ``expand``-ed over its
+# tokens before the top-k (one choice per sequence, repeated per token). EVERY expert runs on every token
+# (``torch.stack`` over the experts), and per slot a ``torch.gather`` of the stacked outputs by the ids picks the
+# chosen ones, times their (not renormalised) scores. Ids, scores and the softmax are logged ``.detach().cpu()``.
+class MlmiMoEAttentionProjection(_Used):
+    def __init__(
+        self, in_features: int, out_features: int, num_experts: int, k: int = 1, segment_expert_trigger: bool = False
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.k = k
+        self.segment_expert_trigger = segment_expert_trigger
+        self.temperature = 1.0
+        self.experts = nn.ModuleList([nn.Linear(in_features, out_features) for _ in range(num_experts)])
+        self.gate = nn.Linear(in_features, num_experts)
+        self._last_gate_weights: torch.Tensor | None = None
+        self._last_topk_indices: torch.Tensor | None = None
+        self._last_topk_scores: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        temp = getattr(self, "temperature", 1.0)
+        if not self.segment_expert_trigger:
+            gate_scores = F.softmax(self.gate(x) / temp, dim=-1)
+        else:
+            segment_repr = x.mean(dim=1)
+            gate_scores = F.softmax(self.gate(segment_repr) / temp, dim=-1)
+            gate_scores = gate_scores.unsqueeze(1).expand(-1, x.size(1), -1)
+        topk_scores, topk_indices = torch.topk(gate_scores, self.k, dim=-1)
+        if self.forced is not None:
+            topk_indices = self.forced.view(*gate_scores.shape[:-1], self.k)
+            topk_scores = gate_scores.gather(-1, topk_indices)
+        self.used = topk_indices.reshape(-1, self.k)
+        self._last_gate_weights = gate_scores.detach().cpu()
+        self._last_topk_indices = topk_indices.detach().cpu()
+        self._last_topk_scores = topk_scores.detach().cpu()
+        expert_outputs = torch.stack([expert(x) for expert in self.experts], dim=-2)
+        topk_outputs = []
+        for i in range(self.k):
+            indices = topk_indices[:, :, i].unsqueeze(-1).expand(-1, -1, expert_outputs.size(-1)).unsqueeze(-2)
+            selected = torch.gather(expert_outputs, dim=-2, index=indices).squeeze(-2)
+            topk_outputs.append(selected * topk_scores[:, :, i].unsqueeze(-1))
+        return torch.stack(topk_outputs).sum(0)
+
+
+class MlmiMoESelfAttention(nn.Module):
+    """``MoEBertSelfAttention``'s forward (no masks, no dropout): q, k and v from the three MoE projections, scaled
+    dot-product attention over the heads; the query router's gate weights and ids kept on the layer."""
+
+    def __init__(self, num_experts: int = 4, k: int = 2, segment_expert_trigger: bool = False, heads: int = 2) -> None:
+        super().__init__()
+        self.num_attention_heads = heads
+        self.attention_head_size = D // heads
+        self.all_head_size = D
+        self.q_proj = MlmiMoEAttentionProjection(D, D, num_experts, k, segment_expert_trigger)
+        self.k_proj = MlmiMoEAttentionProjection(D, D, num_experts, k, segment_expert_trigger)
+        self.v_proj = MlmiMoEAttentionProjection(D, D, num_experts, k, segment_expert_trigger)
+        self.last_gating_weights: torch.Tensor | None = None
+
+    def transpose_for_scores(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.size()[:-1], self.num_attention_heads, self.attention_head_size).permute(0, 2, 1, 3)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mixed_query_layer = self.q_proj(hidden_states)
+        assert self.q_proj._last_gate_weights is not None
+        self.last_gating_weights = self.q_proj._last_gate_weights.detach().clone()
+        query_layer = self.transpose_for_scores(mixed_query_layer)
+        key_layer = self.transpose_for_scores(self.k_proj(hidden_states))
+        value_layer = self.transpose_for_scores(self.v_proj(hidden_states))
+        attention_scores = torch.matmul(query_layer, key_layer.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+        attention_probs = nn.Softmax(dim=-1)(attention_scores)
+        context_layer = torch.matmul(attention_probs, value_layer).permute(0, 2, 1, 3).contiguous()
+        return context_layer.view(*context_layer.size()[:-2], self.all_head_size)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("segment", [False, True], ids=["per-token", "per-segment"])
+def test_mlmi_moe_query_key_value_projections_replay_as_by_hand(segment: bool) -> None:
+    """kj1080/MLMI_thesis' ``MoEBertSelfAttention``: three routers per layer (query, key and value projections made
+    mixtures of Linear experts), each a tempered softmax's top-k (per token, or once per sequence from its mean and
+    expanded over its tokens), every expert run and the chosen ones picked by a ``torch.gather`` of the stacked
+    outputs. Found with zero configuration; the recorded rows are the experts each token's projections gathered, and
+    a replay after the gates change forces them, in output and gradients as by hand."""
+    model = _seeded(lambda: _OneBlock(MlmiMoESelfAttention(segment_expert_trigger=segment)))()
+    session = assert_exact(model, _seq())
+    assert session.names == ("block.q_proj.gate", "block.k_proj.gate", "block.v_proj.gate"), session.names
