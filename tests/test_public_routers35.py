@@ -239,15 +239,15 @@ def test_foundation_ts_sort_and_bincount_dispatch_with_chained_moe_layers_replay
     strict=True,
     raises=AssertionError,
     reason="a block that adds in place into tensors held by a plain object it is handed (a stats dataclass) adds "
-    "again at every run that establishes its decision: the captured output is not the model's, without a word",
+    "again at every run that establishes its decision: the first captured output is not the model's, without a word",
 )
 def test_foundation_ts_stats_added_in_place_by_each_moe_layer_keep_the_captured_output_the_models() -> None:
     """sms1097/FoundationTS' ``MOELayer`` as it trains: each layer adds its importance and load IN PLACE into the
     tensors of a ``MoEStats`` dataclass the model makes per forward and hands from layer to layer, and the loss reads
     them. A capture must leave the model's output as it is without a session (a tensor, list or dict handed to a block
-    and written in place is restored around the runs that establish the decision); today the stats gain one more
-    addition per such run, so the captured output (its load term) is far off the model's, and the rows forced by hand
-    do not give it."""
+    and written in place is restored around the runs that establish the decision); today, at the first captured
+    forward, the stats gain one more addition per such run, so its output (the load term) is far off the model's, and
+    the rows forced by hand do not give it (the rows themselves, later captures and replays are right)."""
     model = _seeded(TsMOE)()
     x = _series()
     with torch.no_grad():
