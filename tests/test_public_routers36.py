@@ -1,6 +1,6 @@
-"""MoE code of multimodal, pathology and medical research codebases (Flex-MoE's modality-supervised noisy gate, a
-mixture of MIL aggregators routed per bag, PAMoE's expert choice over the patches of a slide), with zero configuration
-(see ``test_public_routers33``).
+"""MoE code of multimodal, pathology and robotics research codebases (Flex-MoE's modality-supervised noisy gate, a
+mixture of MIL aggregators routed per bag, PAMoE's expert choice over the patches of a slide, a quadruped policy's
+soft student encoder), with zero configuration (see ``test_public_routers33``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
@@ -431,3 +431,66 @@ def test_pamoe_expert_choice_over_the_patches_is_refused_as_expert_choice() -> N
     (``test_public_routers34``): expert-choice routing, which no replay of k experts per token can force."""
     model = _one_block(PamoeBlock)()
     assert_refused(model, _seq(seq=8), "expert-choice routing")
+
+
+# ----------------------------------------------------------------------- MoE-CTS: a student encoder of soft experts
+# robogauge/code go2_rl_gym/rsl_rl/rsl_rl/modules/actor_critic_moe_ng_cts.py (``StudentMoEEncoder``,
+# ``ActorCriticMoENGCTS.get_student_latent_and_weights``, ``L2Norm``): a quadruped policy's student encoder over the
+# observation history; the experts share a backbone, then a Linear gives every expert's hidden units at once and a
+# grouped ``Conv1d`` (``groups=expert_num``, kernel 1) each expert's latent; the ``gating_network`` Sequential ends in
+# ``nn.Softmax``, over the whole history (the experts see it without the goal commands, by a boolean mask buffer);
+# the latents summed with every expert's weight and L2-normalised. No expert is chosen.
+class CtsStudentMoEEncoder(nn.Module):
+    def __init__(
+        self, expert_dim: int, gating_dim: int, hidden_dim: int = 16, expert_num: int = 4, latent_dim: int = 8
+    ) -> None:
+        super().__init__()
+        self.expert_num, self.latent_dim = expert_num, latent_dim
+        expert_hidden_dim = 8
+        self.experts_backbone = nn.Sequential(nn.Linear(expert_dim, hidden_dim), nn.ELU())
+        self.experts_hidden = nn.Sequential(nn.Linear(hidden_dim, expert_num * expert_hidden_dim), nn.ELU())
+        self.experts_out = nn.Conv1d(
+            in_channels=expert_num * expert_hidden_dim,
+            out_channels=expert_num * latent_dim,
+            kernel_size=1,
+            groups=expert_num,
+        )
+        self.gating_network = nn.Sequential(
+            nn.Linear(gating_dim, hidden_dim), nn.ELU(), nn.Linear(hidden_dim, expert_num), nn.Softmax(dim=-1)
+        )
+
+    def forward(self, obs: torch.Tensor, obs_no_goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = self.gating_network(obs)
+        expert_hidden = self.experts_hidden(self.experts_backbone(obs_no_goal)).unsqueeze(-1)
+        expert_latent = self.experts_out(expert_hidden).reshape(-1, self.expert_num, self.latent_dim)
+        latent = torch.sum(weights.unsqueeze(-1) * expert_latent, dim=1)
+        return F.normalize(latent, p=2.0, dim=-1), weights
+
+
+class CtsStudentPolicy(nn.Module):
+    """The actor-critic's student path: the history's goal commands masked out for the experts, the latent and the
+    observation into the actor."""
+
+    def __init__(self, num_obs: int = 6, history_length: int = 3, num_actions: int = 2) -> None:
+        super().__init__()
+        self.history_length = history_length
+        mask = torch.tensor([True, True, True, True, False, False])
+        self.register_buffer("obs_no_goal_mask", mask, persistent=False)
+        self.student_moe_encoder = CtsStudentMoEEncoder(int(mask.sum()) * history_length, num_obs * history_length)
+        self.actor = nn.Sequential(nn.Linear(8 + num_obs, 16), nn.ELU(), nn.Linear(16, num_actions))
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        B = history.shape[0]
+        no_goal = history.reshape(B, self.history_length, -1)[:, :, self.obs_no_goal_mask].reshape(B, -1)
+        latent, _ = self.student_moe_encoder(history, no_goal)
+        return self.actor(torch.cat([latent, history.reshape(B, self.history_length, -1)[:, -1]], dim=1))
+
+
+@pytest.mark.reliability("refusals")
+def test_cts_student_encoder_of_soft_experts_is_refused_as_soft_routing() -> None:
+    """MoE-CTS's student encoder: a softmax over every expert (the gating Sequential's last module), grouped-conv
+    experts all weighted. No expert is chosen, so there is nothing to record or force: found by its softmax, it is
+    refused at the first capture as soft routing, the model left as it was."""
+    model = CtsStudentPolicy()
+    history = torch.randn(5, 18, generator=torch.Generator().manual_seed(3))
+    assert_refused(model, history, r"'student_moe_encoder\.gating_network'.*soft routing")
