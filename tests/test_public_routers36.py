@@ -1,6 +1,7 @@
-"""MoE code of multimodal, pathology and robotics research codebases (Flex-MoE's modality-supervised noisy gate, a
-mixture of MIL aggregators routed per bag, PAMoE's expert choice over the patches of a slide, a quadruped policy's
-soft student encoder), with zero configuration (see ``test_public_routers33``).
+"""MoE code of multimodal, pathology, robotics and traffic research codebases (Flex-MoE's modality-supervised noisy
+gate, a mixture of MIL aggregators routed per bag, PAMoE's expert choice over the patches of a slide, a quadruped
+policy's soft student encoder, TESTAM's gate over its experts' states), with zero configuration (see
+``test_public_routers33``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
@@ -494,3 +495,105 @@ def test_cts_student_encoder_of_soft_experts_is_refused_as_soft_routing() -> Non
     model = CtsStudentPolicy()
     history = torch.randn(5, 18, generator=torch.Generator().manual_seed(3))
     assert_refused(model, history, r"'student_moe_encoder\.gating_network'.*soft routing")
+
+
+# ----------------------------------------------------------------------- TESTAM: a gate reading the experts' states
+# HyunWookL/TESTAM model.py (``TESTAM.forward``, ``MemoryGate``): traffic forecasting over ``[B, in_dim, N, T]``;
+# three experts (temporal, spatio-temporal, attention) all run, each giving an output and a hidden state; the
+# ``MemoryGate`` scores each expert by the cosine similarity of a memory read by the input (softmax attention over
+# ``memory``) and an attention read of that expert's hidden state (``hid_query`` / ``key`` / ``value``, one of each
+# per expert, in ``ParameterList``s); the model softmaxes the ``[B, N, T, 1, E]`` scores, ``torch.max`` picks one
+# expert per (node, step), and per expert ``torch.eq(routes, i).nonzero()`` copies its output there, times the
+# picked probability with ``prob_mul``. The experts here are our own small ones (a Linear for the hidden state, one
+# for the output), the gate and the selection as upstream's.
+class TESTAMMemoryGate(nn.Module):
+    def __init__(self, hidden_size: int, in_dim: int, mem_hid: int = 8, memory_size: int = 6, n: int = 3) -> None:
+        super().__init__()
+        self.sim = nn.CosineSimilarity(dim=-1)
+        self.memory = nn.Parameter(torch.empty(memory_size, mem_hid))
+        self.hid_query = nn.ParameterList([nn.Parameter(torch.empty(hidden_size, mem_hid)) for _ in range(n)])
+        self.key = nn.ParameterList([nn.Parameter(torch.empty(hidden_size, mem_hid)) for _ in range(n)])
+        self.value = nn.ParameterList([nn.Parameter(torch.empty(hidden_size, mem_hid)) for _ in range(n)])
+        self.input_query = nn.Parameter(torch.empty(in_dim, mem_hid))
+        for p in self.parameters():
+            nn.init.xavier_uniform_(p)
+
+    def forward(self, input: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+        memories = self.query_mem(input)
+        scores = [self.sim(memories, self.attention(h, i)) for i, h in enumerate(hidden)]
+        return torch.stack(scores, dim=-1).unsqueeze(dim=-2)
+
+    def attention(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        query = torch.matmul(x, self.hid_query[i])
+        key = torch.matmul(x, self.key[i])
+        value = torch.matmul(x, self.value[i])
+        score = torch.softmax(torch.matmul(query, key.transpose(-1, -2)), dim=-1)
+        return torch.matmul(score, value).expand_as(value)
+
+    def query_mem(self, input: torch.Tensor) -> torch.Tensor:
+        energy = torch.matmul(torch.matmul(input, self.input_query), self.memory.T)
+        return torch.matmul(torch.softmax(energy, dim=-1), self.memory)
+
+
+class TESTAMExpert(nn.Module):
+    def __init__(self, in_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.start_linear = nn.Linear(in_dim, hidden_size)
+        self.proj = nn.Linear(hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.start_linear(x.permute(0, 2, 3, 1)))
+        return self.proj(F.relu(h)), h
+
+
+class TESTAM(_Used):
+    def __init__(self, prob_mul: bool, in_dim: int = 2, hidden_size: int = 8) -> None:
+        super().__init__()
+        self.prob_mul = prob_mul
+        self.experts = nn.ModuleList([TESTAMExpert(in_dim, hidden_size) for _ in range(3)])
+        self.gate_network = TESTAMMemoryGate(hidden_size, in_dim)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        results = [expert(input) for expert in self.experts]
+        outs = [o for o, _ in results]
+        B, N, T, _ = outs[0].size()
+        gate = torch.softmax(self.gate_network(input.permute(0, 2, 3, 1), [h for _, h in results]), dim=-1)
+        out = torch.zeros_like(outs[0]).view(-1, 1)
+        route_prob_max, routes = torch.max(gate, dim=-1)
+        if self.forced is not None:
+            routes = self.forced.view(routes.shape)
+            route_prob_max = gate.gather(-1, routes.unsqueeze(-1)).squeeze(-1)
+        self.used = routes.reshape(-1, 1)
+        route_prob_max = route_prob_max.view(-1)
+        routes = routes.view(-1)
+        for i in range(len(outs)):
+            cur_out = outs[i].view(-1, 1)
+            indices = torch.eq(routes, i).nonzero(as_tuple=True)[0]
+            out[indices] = cur_out[indices]
+        if self.prob_mul:
+            out = out * route_prob_max.unsqueeze(dim=-1)
+        return out.view(B, N, T, -1).permute(0, 3, 1, 2)
+
+
+class TESTAMForecaster(nn.Module):
+    def __init__(self, prob_mul: bool) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.model = TESTAM(prob_mul)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("prob_mul", [False, True], ids=["copy", "prob-mul"])
+def test_testam_gate_reading_the_experts_states_replays_as_by_hand(prob_mul: bool) -> None:
+    """TESTAM's memory gate: every expert runs, the gate scores each by the cosine similarity of an input-read memory
+    and an attention read of that expert's hidden state, ``torch.max`` of the softmax picks one expert per (node,
+    step) and its output is copied there (times the picked probability with ``prob_mul``; without it the gate gets
+    no gradient). Found with zero configuration; the recorded rows are the expert each (node, step) took, and a replay
+    after the gate changes forces them, in output and gradients as by hand."""
+    x = torch.randn(2, 2, 3, 4, generator=torch.Generator().manual_seed(4))
+    session = assert_exact(TESTAMForecaster(prob_mul), x)
+    assert session.names == ("model.gate_network",), session.names
