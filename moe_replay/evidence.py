@@ -1939,6 +1939,21 @@ def _clone(obj: Any, own: torch.Tensor | None = None) -> Any:
     return obj
 
 
+def _passed_through(obj: Any, depth: int = 0) -> list[Any]:
+    """What :func:`_clone` hands a run as it is, among a forward's inputs ``obj``, that may hold state a run writes:
+    the plain objects of the user's (:func:`_plain_object`) and the named tuples (whose tensors are not copied), a
+    few containers deep."""
+    if isinstance(obj, torch.Tensor) or depth > 3:
+        return []
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return [obj, *(x for v in obj for x in _passed_through(v, depth + 1))]
+    if isinstance(obj, list | tuple):
+        return [x for v in obj for x in _passed_through(v, depth + 1)]
+    if type(obj) is dict:
+        return [x for v in obj.values() for x in _passed_through(v, depth + 1)]
+    return [obj] if _plain_object(obj) and (not _standard(type(obj)) or type(obj) is types.SimpleNamespace) else []
+
+
 def _grad_like(obj: Any, ref: Any) -> Any:
     """``obj`` (fresh copies of a forward's inputs, or inputs of the probe's own making) with each floating tensor
     requiring gradients where the real input ``ref`` in its place does: a forward that branches on
@@ -3048,6 +3063,8 @@ class _Snapshot:
             (m, dict(m._buffers), dict(m._parameters)) for m in self.modules
         ]  # rebinding, too
         self.tensors = [(b, b.detach().clone(), _version(b)) for b in scope.buffers()]
+        #: tensors held by the forward's inputs that runs are handed as they are (see :meth:`hold_inputs`)
+        self.inputs_held: list[tuple[torch.Tensor, torch.Tensor, int | None]] = []
         self.big: list[tuple[torch.Tensor, int | None]] = []
         for p in scope.parameters():
             if p.numel() <= _COPY_LIMIT:
@@ -3179,6 +3196,50 @@ class _Snapshot:
             if isinstance(t, torch.Tensor)
         }
 
+    def hold_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Put back, after each run, the state a forward's inputs hold where a run is handed them as they are, not
+        copied (see :func:`_clone`): the plain objects of the user's among them (a dataclass of statistics each layer
+        adds to in place, handed from layer to layer) and the named tuples, a few objects deep: the tensors they hold
+        (up to what is copied of the modules' own), and the objects' own attributes. Without it, every run of the
+        forward adds once more to what the model reads after the layer (its loss's load term), and the forward's
+        output is not the model's."""
+        found = _passed_through((args, kwargs))
+        if not found:
+            return
+        kept = {id(o) for o, _ in self.own_states}
+        objects = [o for o in _with_kept_objects([v for v in found if _plain_object(v)]) if id(o) not in kept]
+        self.own_states += [(o, _own_state(o)) for o in objects]
+        held = {id(t) for t, _, _ in itertools.chain(self.tensors, self.inputs_held)}
+        budget = _COPY_LIMIT - sum(v.numel() for _, v, _ in self.inputs_held)
+        values: list[Any] = [v for v in found if not _plain_object(v)]  # (the named tuples' fields)
+        for o in objects:
+            own, slots = _own_state(o)
+            values += [v for v, _ in itertools.chain(own.values(), slots.values())]
+        for value in values:
+            for t in _attr_tensors(value):
+                if id(t) in held or t.numel() > budget:  # (a larger one, a KV cache's, say, stays as before)
+                    continue
+                held.add(id(t))
+                budget -= t.numel()
+                self.inputs_held.append((t, t.detach().clone(), _version(t)))
+
+    def _put_tensors(self, tensors: list[tuple[torch.Tensor, torch.Tensor, int | None]]) -> None:
+        """Each of ``tensors`` that a run wrote (its version moved, or its value where the kernel keeps no version)
+        put back in place to the copy taken before the runs."""
+        with torch.no_grad():
+            for i, (t, v, version) in enumerate(tensors):
+                if version is None:  # an inference tensor: changed in place only under inference_mode, by value
+                    if torch.is_inference_mode_enabled() and t.shape == v.shape and not torch.equal(t, v):
+                        t.copy_(v)
+                    continue
+                with _metadata_reads((t,)):  # (a read of metadata alone: not handed to the modes below)
+                    written = t._version != version
+                if written and t.shape == v.shape:  # only what a run changed: no needless bump
+                    t.copy_(v)
+                    tensors[i] = (t, v, t._version)
+                elif id(t) in self.by_value and t.shape == v.shape and not torch.equal(t, v):
+                    t.data.copy_(v)  # (as the kernel wrote it: no new version, which a graph that saved it would see)
+
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
@@ -3196,19 +3257,8 @@ class _Snapshot:
             g.set_state(state)
         for h, state in self.streams:
             h.put(state)
-        with torch.no_grad():
-            for i, (t, v, version) in enumerate(self.tensors):
-                if version is None:  # an inference tensor: changed in place only under inference_mode, by value
-                    if torch.is_inference_mode_enabled() and t.shape == v.shape and not torch.equal(t, v):
-                        t.copy_(v)
-                    continue
-                with _metadata_reads((t,)):  # (a read of metadata alone: not handed to the modes below)
-                    written = t._version != version
-                if written and t.shape == v.shape:  # only what a run changed: no needless bump
-                    t.copy_(v)
-                    self.tensors[i] = (t, v, t._version)
-                elif id(t) in self.by_value and t.shape == v.shape and not torch.equal(t, v):
-                    t.data.copy_(v)  # (as the kernel wrote it: no new version, which a graph that saved it would see)
+        self._put_tensors(self.tensors)
+        self._put_tensors(self.inputs_held)
         self.outside.restore()
         for m, attrs in self.attrs:
             if vars(m).keys() - attrs.keys() - _MODULE_INTERNALS:  # (attributes a run added: taken off, in order)
@@ -3474,6 +3524,7 @@ class _Prober:
         self.took = 0.0  # seconds of the longest run on the real inputs
         self.limit = limit  # seconds a run on ``args``/``kwargs`` may take (None: no limit; they are the forward's)
         self.snapshot = _Snapshot(scope) if snapshot is None else snapshot
+        self.snapshot.hold_inputs(args, kwargs)  # (what the runs are handed as it is: put back after each)
         #: ``(seed, width)`` of :meth:`_Snapshot.move_small` for every run that names none (see :func:`_vary_state`)
         self.moved: tuple[int, int] | None = None
         #: the real forward's inputs, whose tensors requiring gradients the inputs of every run mirror

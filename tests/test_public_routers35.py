@@ -235,12 +235,6 @@ def test_foundation_ts_sort_and_bincount_dispatch_with_chained_moe_layers_replay
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a block that adds in place into tensors held by a plain object it is handed (a stats dataclass) adds "
-    "again at every run that establishes its decision: the first captured output is not the model's, without a word",
-)
 def test_foundation_ts_stats_added_in_place_by_each_moe_layer_keep_the_captured_output_the_models() -> None:
     """sms1097/FoundationTS' ``MOELayer`` as it trains: each layer adds its importance and load IN PLACE into the
     tensors of a ``MoEStats`` dataclass the model makes per forward and hands from layer to layer, and the loss reads
