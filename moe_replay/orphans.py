@@ -283,6 +283,62 @@ _CONVERSIONS = frozenset(
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+def _tensor_funcs(names: str) -> frozenset[Any]:
+    """The functions of ``torch`` and methods of ``torch.Tensor`` of these names (those that exist)."""
+    return frozenset(
+        f for name in names.split() for owner in (torch, torch.Tensor) if callable(f := getattr(owner, name, None))
+    )
+
+
+#: Calls whose floating result holds values of their first argument, picked, viewed or cast (see
+#: :meth:`OrphanWatch.returned`): an attached router's returned weights stay its scores through them.
+_CARRIES = _tensor_funcs(
+    "__getitem__ gather index_select take take_along_dim masked_select detach clone contiguous view reshape "
+    "flatten unflatten squeeze unsqueeze view_as reshape_as t transpose permute movedim expand expand_as "
+    "to float half bfloat16 double type type_as narrow select unbind chunk split"
+)
+#: Elementwise scalings of such values (by a number, or by a tensor no larger than they: the weights renormalised,
+#: scaled, shifted); a product with the hidden states (larger) is not followed, nor a matmul.
+_SCALINGS = _tensor_funcs(
+    "mul div true_divide add sub neg abs clamp clamp_min clamp_max __mul__ __rmul__ __truediv__ __rtruediv__ "
+    "__add__ __radd__ __sub__ __rsub__ __neg__ __abs__"
+)
+#: Rankings of such values outside every router: a later choice by score (a capacity drop by a top-k of the weights,
+#: a sort of them, a top-p), refused as made.
+_LATER_RANKINGS = _tensor_funcs("topk sort argsort msort kthvalue argmax argmin")
+#: Extremes along a dimension, whose indices are a choice only where used (a ``max`` of the weights logged, or a
+#: stable softmax's, is none): the indices are followed, and refused where a later call reads them.
+_LATER_EXTREMES = _tensor_funcs("max min")
+#: Calls a threshold's mask (or an extreme's indices) may pass through and still be only a statistic: counted,
+#: averaged, cast or viewed for it. Any other use (picking tokens by it, a ``where``, a ``masked_fill``, a product)
+#: makes it a choice.
+_STATISTICS = _tensor_funcs("sum mean any all count_nonzero nansum numel")
+
+
+#: Logical combinations of masks (a threshold's mask combined with another stays a threshold's).
+_LOGICAL = _tensor_funcs(
+    "__and__ __or__ __xor__ __invert__ __rand__ __ror__ logical_and logical_or logical_not bitwise_not"
+)
+
+
+def _tensors(value: Any, depth: int) -> list[torch.Tensor]:
+    """The tensors in ``value``: itself, or those of a tuple, list or dict (nested up to ``depth`` levels)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth <= 0:
+        return []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v, depth - 1)]
+    return []
+
+
+def _flat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors a call was given: its arguments, and those in a tuple or list of them (an index's parts)."""
+    return _tensors([*args, *kwargs.values()], 2)
+
+
 def _ordering() -> bool:
     """Is this thread running a token-order run (:func:`moe_replay._feeds.token_order`: a probe forward that no
     block's check follows)?"""
@@ -576,6 +632,14 @@ class OrphanWatch(TorchFunctionMode):
         #: the masks made by a threshold on floating scores, and those cut from them (see :meth:`_holder_mask`)
         self.thresholds: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
         self.tokens: int | None = None  # the watched forward's tokens (see seed), where its input tells them
+        #: floating tensors holding an attached router's returned values (its weights or scores), picked, viewed,
+        #: cast or scaled since (see :meth:`returned`), by id: the router's path
+        self.scored: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        #: masks of a threshold on such values, and indices of an extreme of them, outside every router: what they are
+        #: reported as once a later call reads them (see :meth:`_later`)
+        self.later: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        #: the later choices by score found (see :meth:`_later`): reported by :meth:`check` apart from the orphans
+        self.later_found: list[str] = []
 
     def seed(self, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> None:
         """Mark the dimensions of the tensors the watched forward is called with as the input's (tokens, batch,
@@ -826,9 +890,13 @@ class OrphanWatch(TorchFunctionMode):
             and not self.cdf
             and not drawn
             and func not in _UNIFORM
+            and not self.scored
+            and not self.later
         ):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        if (self.scored or self.later) and not torch.compiler.is_compiling():
+            self._later(func, args, kwargs, out)
         if ranking is not None:
             indices = choice_indices(func, out)
             if indices is not None:
@@ -854,6 +922,82 @@ class OrphanWatch(TorchFunctionMode):
             if width is not None:  # (the running total shifted or scaled: ``cumsum - p``, ``cumsum / total``)
                 _weak_put(self.cdf, out, width)
         return out
+
+    def returned(self, module: nn.Module, out: Any) -> None:
+        """A module's forward ended in the watched forward, returning ``out``: where it is an attached router's scope
+        that holds no experts, the floating tensors it returned (its weights, its scores; in a tuple, a list or a dict
+        too) are followed (:attr:`scored`), so a later choice by them outside every router is seen (see
+        :meth:`_later`)."""
+        name = self.names.get(id(module))
+        if name is None or name not in self.scopes or any(_holds_experts(m) for m in module.modules()):
+            return
+        for t in _tensors(out, 2):
+            if t.is_floating_point() and t.dim() >= 1:
+                _weak_put(self.scored, t, name)
+
+    def _later(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Follow an attached router's returned values (:attr:`scored`) through a call that picks, views, casts or
+        scales them, and find a later choice made by them outside every router: a ranking of them (a top-k, a sort, an
+        arg-max), or an extreme along a dimension or a threshold on them whose indices or mask a later call reads
+        (to pick tokens or slots by, to mask weights with). The routes record the router's choice, not this one: a
+        replay would make it again from the current scores."""
+        first = _arg(args, kwargs, 0, "input")
+        if self.later:
+            held = _weak_get(self.later, first)
+            if held is not None and (func in _CARRIES or func in _LOGICAL):
+                for t in _tensors(out, 1):
+                    _weak_put(self.later, t, held)
+            elif held is None and func not in _STATISTICS:
+                held = next((h for h in map(lambda a: _weak_get(self.later, a), _flat(args, kwargs)) if h), None)
+                if held is not None and held not in self.later_found:
+                    self.later_found.append(held)
+            elif held is not None and func not in _STATISTICS and held not in self.later_found:
+                self.later_found.append(held)
+        if not self.scored:
+            return
+        router = _weak_get(self.scored, first)
+        if router is not None and func in _CARRIES:
+            for t in _tensors(out, 1):
+                if t.is_floating_point():
+                    _weak_put(self.scored, t, router)
+            return
+        if func in _SCALINGS or func in _THRESHOLDS:
+            tensors = [a for a in _flat(args, kwargs)]
+            router = next((r for r in map(lambda a: _weak_get(self.scored, a), tensors) if r is not None), None)
+            if router is None or not isinstance(out, torch.Tensor):
+                return
+            if func in _THRESHOLDS:
+                what = self._later_site(f"a threshold's mask ({getattr(func, '__name__', 'compare')})", router)
+                if what is not None:
+                    _weak_put(self.later, out, what)
+            elif out.numel() <= max(a.numel() for a in tensors if _weak_get(self.scored, a) is not None):
+                _weak_put(self.scored, out, router)
+            return
+        if router is None:
+            return
+        if func in _LATER_RANKINGS:
+            what = self._later_site(getattr(func, "__name__", "ranking"), router)
+            if what is not None and what not in self.later_found:
+                self.later_found.append(what)
+        elif func in _LATER_EXTREMES and isinstance(out, tuple) and len(out) == 2:  # (along a dimension: indices too)
+            what = self._later_site(f"the indices of a {getattr(func, '__name__', 'max')} along a dimension", router)
+            if what is not None:
+                _weak_put(self.later, out[1], what)
+
+    def _later_site(self, what: str, router: str) -> str | None:
+        """What a later choice (``what``) by the values the attached router at ``router`` returned is reported as,
+        where the module making it lies outside every attached router's scope, attention and any one expert, in an MoE
+        block (a module holding experts) or holding a router below it (not the model's own forward: a top-k of all
+        router logits for its auxiliary loss); else None."""
+        name, _ = _calling_module(self.names, 3)
+        if name is None or self._known(name) or self._in_attention(name) or self._in_one_expert(name):
+            return None
+        if not (self._in_moe(name) or (name and self._holds_router(name))):
+            return None
+        return (
+            f"'{name}' ({type(self.modules[name]).__name__}): {what} of the values the attached router '{router}' "
+            f"returned, at {_where()}"
+        )
 
     def _holder_ranking(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The path of the module making this ranking call (:data:`TOKEN_CHOICES`) in its own forward, where a module
@@ -1414,6 +1558,18 @@ class OrphanWatch(TorchFunctionMode):
         """Raise if the watched forward made a decision outside every attached router (a draw from no scores among
         a bank's width too, unless it was seen picking rows of the input alone)."""
         self.settle()
+        if self.later_found:
+            detail = "\n  ".join(dict.fromkeys(self.later_found))
+            raise UnsupportedRouterError(
+                "a choice by score was made outside every attached router, by the values a router returned (a "
+                "capacity drop by their top-k, a sort of them, a threshold on them): the recorded routes cannot carry "
+                "it, and a replay would force the router's experts and make this choice again from the current scores, "
+                f"so other tokens could lose or gain an expert:\n  {detail}\nMake it part of the router's decision "
+                "(inside its forward, where moe_replay checks it), make it by a rule that reads no scores (token "
+                "position, a fixed order). Attaching the module that makes it as the router (include= its path) lets "
+                "the router's own check read this choice, which refuses a later choice by the current scores too; "
+                "exclude= the router leaves the block native, neither recorded nor forced"
+            )
         if self.found:
             detail = "\n  ".join(dict.fromkeys(self.found))
             raise UnsupportedRouterError(
@@ -1472,7 +1628,11 @@ def watch_forward(
         state["watch"].__enter__()
 
     def post(module: nn.Module, args: Any, out: Any) -> None:
-        if torch.compiler.is_compiling() or state.get("top") is not module:
+        if torch.compiler.is_compiling():
+            return
+        if state.get("top") is not module:
+            if "watch" in state:
+                state["watch"].returned(module, out)  # (a router's returned values are followed)
             return
         del state["top"]
         watch = state.pop("watch", None)
@@ -1481,7 +1641,7 @@ def watch_forward(
         watch.__exit__(None, None, None)
         path = paths[id(module)]
         watch.settle()
-        if not path or watch.found:
+        if not path or watch.found or watch.later_found:
             stop()
         watch.check()
         if on_pass is not None and sys.exc_info()[0] is None:  # (always_call: also run while the forward raises)

@@ -491,12 +491,6 @@ def test_nano_train_router_under_its_capacity_replays_as_by_hand(scoring_func: s
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a capacity drop made in the block by a torch.topk of a 1-D vector of the detached top-k weights of one "
-    "expert's (token, slot) pairs is neither recorded nor refused: the replay drops by the current scores",
-)
 def test_nano_train_capacity_drop_by_detached_weight_is_replayed_or_refused() -> None:
     """nano-train's ``LocalRoutedMoE`` at ``capacity_factor=1``: an expert over ``ceil(tokens * k / E)`` assignments
     keeps its ``torch.topk`` of the detached weights of its (token, slot) pairs, a second choice over the tokens from
