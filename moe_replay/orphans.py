@@ -68,6 +68,15 @@ the chosen entries (a one-hot, a scatter) or pick an expert's weights (a weight 
 experts are chosen per token (mixture-of-heads, SwitchHead); rows of a learned memory read by them are no choice.
 An integer input's dimensions are the input's only where as long as the tokens (a floating input's leading
 dimensions, or else the first integer input's): a mask of the experts each token may use is not.
+
+A choice can also be made after the router's, by the block that holds it: a capacity drop by a top-k of the weights
+the router returned (per expert, over its tokens), a sort of them, a threshold on them. The routes carry the router's
+choice, not this one, and a replay would make it again from the current scores. So the floating tensors an attached
+router's scope returns (one holding no experts) are followed through the calls that pick, view, cast or scale them
+(not a matmul, nor a product with anything larger: the hidden states), and in a module of an MoE block outside every
+router (or one holding a router below it; not the model's own forward, whose top-k of all router logits feeds an
+auxiliary loss) a ranking of them is refused as made; a ``max`` or ``min`` along a dimension only where a later call
+reads its indices, and a threshold only where its mask is used beyond a count or a mean (a statistic kept aside).
 """
 
 from __future__ import annotations
