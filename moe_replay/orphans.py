@@ -1565,8 +1565,16 @@ class OrphanWatch(TorchFunctionMode):
 
     def check(self) -> None:
         """Raise if the watched forward made a decision outside every attached router (a draw from no scores among
-        a bank's width too, unless it was seen picking rows of the input alone)."""
+        a bank's width too, unless it was seen picking rows of the input alone), or else a later choice by the values
+        a router returned (see :meth:`_later`)."""
         self.settle()
+        if self.found:
+            detail = "\n  ".join(dict.fromkeys(self.found))
+            raise UnsupportedRouterError(
+                "decision-like calls over an expert width ran outside every attached router, so those routers "
+                f"would be neither recorded nor forced:\n  {detail}\nAttach them too (include= their module, "
+                "or the module that holds their gate), or exclude= them to leave them native on purpose"
+            )
         if self.later_found:
             detail = "\n  ".join(dict.fromkeys(self.later_found))
             raise UnsupportedRouterError(
@@ -1574,17 +1582,10 @@ class OrphanWatch(TorchFunctionMode):
                 "capacity drop by their top-k, a sort of them, a threshold on them): the recorded routes cannot carry "
                 "it, and a replay would force the router's experts and make this choice again from the current scores, "
                 f"so other tokens could lose or gain an expert:\n  {detail}\nMake it part of the router's decision "
-                "(inside its forward, where moe_replay checks it), make it by a rule that reads no scores (token "
+                "(inside its forward, where moe_replay checks it), or make it by a rule that reads no scores (token "
                 "position, a fixed order). Attaching the module that makes it as the router (include= its path) lets "
                 "the router's own check read this choice, which refuses a later choice by the current scores too; "
                 "exclude= the router leaves the block native, neither recorded nor forced"
-            )
-        if self.found:
-            detail = "\n  ".join(dict.fromkeys(self.found))
-            raise UnsupportedRouterError(
-                "decision-like calls over an expert width ran outside every attached router, so those routers "
-                f"would be neither recorded nor forced:\n  {detail}\nAttach them too (include= their module, "
-                "or the module that holds their gate), or exclude= them to leave them native on purpose"
             )
 
 
