@@ -1741,6 +1741,8 @@ class _FirstRun(_Inert):
         self.watching: OrphanWatch | None = None
         self.handles: list[Any] = []
         self.inner: Any = None  # the global pre-hook that tells the watch of each module run inside, while open
+        #: the global forward hook that follows the routers' returned values while a watch is open
+        self.returns: Any = None
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling() or _FirstRun.active:
@@ -1749,12 +1751,17 @@ class _FirstRun(_Inert):
         watch.seed(args, module_call_kwargs())  # (the module's input: its tokens, as the model's forward is seeded)
         watch.__enter__()
         _FirstRun.active = True
+        from torch.nn.modules import module as _module
+
+        def returned(module: nn.Module, args: Any, out: Any) -> None:  # (a router's returned values are followed)
+            if not torch.compiler.is_compiling():
+                watch.returned(module, out)
+
+        self.returns = _module.register_module_forward_hook(own_hook(returned))
 
         def entered(inner: nn.Module, inner_args: Any) -> None:
             if inner is not module and not torch.compiler.is_compiling():
                 watch.entered(inner, inner_args)  # (a router fed fewer tokens after a ranking: a chooser found)
-
-        from torch.nn.modules import module as _module
 
         self.inner = _module.register_module_forward_pre_hook(entered)
 
@@ -1771,9 +1778,14 @@ class _FirstRun(_Inert):
             self.on_pass(self.name, watch)
 
     def _drop_inner(self) -> None:
+        """Remove the global hooks of the open watch: the one told of each module run inside, and the one that
+        follows the routers' returned values (see :meth:`OrphanWatch.returned`)."""
         if self.inner is not None:
             self.inner.remove()
             self.inner = None
+        if self.returns is not None:
+            self.returns.remove()
+            self.returns = None
 
     def remove(self) -> None:
         """Take the hooks off the module (and close a watch left open)."""

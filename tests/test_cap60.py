@@ -255,3 +255,36 @@ def test_blocks_that_dispatch_by_the_ids_alone_replay_as_by_hand(how: str) -> No
         by_hand = model(x)
     torch.testing.assert_close(replayed, by_hand)
     assert not torch.allclose(free, by_hand), "the changed router picks the captured experts anyway: tries nothing"
+
+
+class _Branch(nn.Module):
+    """An ordinary block, then a dropping block run only where ``deep`` is set (not in the first forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList([_Ordinary("onehot"), _DropBlock("detached")])
+        self.deep = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.layers[0](x)
+        return x + self.layers[1](x) if self.deep else x
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_later_choice_in_a_block_the_first_forward_did_not_run_is_refused_at_its_first_run() -> None:
+    """The block's first run (watched on its own once the model's first forward passed without it) follows its
+    router's returned values too: refused there, the model as it was once the session ends."""
+    model = _Branch().eval()
+    x = _x()
+    before = snapshot(model)
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        model.deep = True
+        with pytest.raises(mr.UnsupportedRouterError, match=r"choice by score[\s\S]*'layers.1' \(_DropBlock\): topk"):
+            with torch.no_grad(), session.capture():
+                model(x)
+    assert_untouched(model, before)
+    assert not model.layers[1]._forward_hooks and not model.layers[1]._forward_pre_hooks
