@@ -611,12 +611,6 @@ class MixtralRouter(_Used):
         return w / w.sum(-1, keepdim=True), idx
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a cut of the weights a router returns, made by its block after the router ran (dynamic expert skipping: "
-    "the second expert dropped under beta times the first's weight), is outside the router's forward and no "
-    "decision-like call: the rows name the skipped experts and a replay skips by the current weights (silent)",
-)
 @pytest.mark.reliability("silent replays")
 def test_experts_skipped_by_weight_in_the_block_after_the_router_are_exact_or_refused() -> None:
     """The rows of a capture are the experts the block used (the skipped slots not named), or it is refused."""
