@@ -20,7 +20,11 @@ the capture's forward of the same number, and a forward that takes fewer or more
 or as it takes one too many: a choice made in another forward at replay than at the capture (the routers of one
 forward seeing every token, those of the next a chosen few) would otherwise match in call order while each forward is
 forced the other's rows. Elsewhere (a compiled forward, a part of the model called alone) they are compared in call
-order. A recompute in backward (activation checkpointing) repeats the forward's choice and is not counted.
+order. Each ranking is also compared, where the routes know it, with where the routers stood in their rows as the
+capture took it (their device cursors: rows written then), the replay's standing the rows read: parts of the model
+called in another order than at the capture take the same rankings at other rows, whose rows after them would be
+forced on other tokens. A recompute in backward (activation checkpointing) repeats the forward's choice and is not
+counted.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from .evidence import NESTING, UNWRAP, unwrap
 from .orphans import TOKEN_CHOICES, TOKEN_MASKS, _calling_module, _Inert, _ordering, choice_indices, picking_mask
 
 __all__ = ["ChoiceLog", "count_forwards", "tap_choices"]
+
+#: (``at`` of :meth:`ChoiceLog.note`: where the routers stand is read as the ranking is noted)
+_NOW = object()
 
 #: what a replay refused by :class:`ChoiceLog` tells the user to do
 _FIX = (
@@ -67,14 +74,28 @@ class ChoiceLog:
         self.forward = -1  # the replay's counted forward under way or last (its number from 0)
         self.open = False  # whether a counted forward of the replay is under way
         self.taken = 0  # the rankings the counted forward under way took
+        #: where each router stands in its rows now, by name (set by the session: a capture's rows written, a replay's
+        #: rows read; None where not told), and for each ranking of the capture where they stood as it was taken
+        #: (None: noted after the fact, by a watch)
+        #: (called with True for a replay's rows read)
+        self.place: Callable[[bool], tuple[tuple[str, ...], torch.Tensor] | None] | None = None
+        self.places: list[tuple[tuple[str, ...], torch.Tensor] | None] = []
+        #: where the routers stood at each ranking of the open replay's routes (None: not told; not compared)
+        self.expected_places: tuple[dict[str, int] | None, ...] | None = None
 
     def start_replay(
-        self, expected: tuple[tuple[str, torch.Tensor], ...] | None, per_forward: tuple[int, ...] | None = None
+        self,
+        expected: tuple[tuple[str, torch.Tensor], ...] | None,
+        per_forward: tuple[int, ...] | None = None,
+        places: tuple[dict[str, int] | None, ...] | None = None,
     ) -> None:
-        """A replay of routes that recorded ``expected``, ``per_forward`` of them in each forward where told,
-        starts."""
+        """A replay of routes that recorded ``expected``, ``per_forward`` of them in each forward where told, and
+        ``places``, the row of each router at each of them where told, starts."""
         told = expected is not None and per_forward is not None and sum(per_forward) == len(expected)
         self.expected, self.at, self.replaying = expected, 0, True
+        self.expected_places = (
+            places if expected is not None and places is not None and len(places) == len(expected) else None
+        )
         self.per_forward = per_forward if told else None
         self.forward, self.open, self.taken = -1, False, 0
 
@@ -83,6 +104,7 @@ class ChoiceLog:
         unmet = 0 if self.expected is None else max(len(self.expected) - self.at, 0)
         self.expected, self.at, self.replaying = None, 0, False
         self.per_forward, self.forward, self.open, self.taken = None, -1, False, 0
+        self.expected_places = None
         return unmet
 
     def finish(self) -> None:
@@ -105,7 +127,7 @@ class ChoiceLog:
 
     def clear(self) -> None:
         """A capture starts anew: nothing recorded yet."""
-        self.recorded, self.counts = [], []
+        self.recorded, self.counts, self.places = [], [], []
 
     def begin(self) -> None:
         """A forward of the model starts (not a recompute in backward): the rankings noted next are its own. In a
@@ -154,13 +176,18 @@ class ChoiceLog:
         """How many rankings each forward of the capture took, where every ranking was taken in a counted forward."""
         return None if self.counts is None else tuple(self.counts)
 
-    def note(self, path: str, indices: torch.Tensor) -> None:
+    def note(self, path: str, indices: torch.Tensor, *, at: Any = _NOW) -> None:
         """The module at ``path`` ranked its tokens and got ``indices``: record them in a capture, compare them in a
-        replay (raising :class:`~moe_replay.TokenMismatchError` where they differ). A recompute in backward is none."""
+        replay (raising :class:`~moe_replay.TokenMismatchError` where they differ). A recompute in backward is none.
+        Where the routers stand in their rows (their rows after it not yet written or read) is recorded with it, and
+        compared: now, or for a ranking noted after the fact, ``at`` (what :meth:`snapshot` told as it was taken;
+        None: not told)."""
         if current_graph_task_id() != -1:
             return
+        snap = self.snapshot() if at is _NOW else at
         if self.capturing:
             self.recorded.append((path, indices.detach().clone()))
+            self.places.append(None if snap is None else snap[0])
             if self.counts:
                 self.counts[-1] += 1
             else:  # (no forward counted before it: which forward took it is not told)
@@ -175,7 +202,42 @@ class ChoiceLog:
                         f"than at the capture, so the recorded rows would be forced on other tokens. {_FIX}"
                     )
                 self.taken += 1
+            self._compare_place(path, None if snap is None else snap[1])
             self._compare(path, indices.detach())
+
+    def _place(self, replay: bool) -> tuple[tuple[str, ...], torch.Tensor] | None:
+        """Where the routers stand in their rows now (names, and rows on the device: no sync), where told: rows read
+        by the replay (``replay``), else rows written by the capture."""
+        if self.place is None or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return None
+        return self.place(replay)
+
+    def snapshot(self) -> tuple[Any, Any] | None:
+        """Where the routers stand in their rows now: the capture's rows written and the replay's rows read (each
+        None where not told)."""
+        return (self._place(False) if self.capturing else None, self._place(True) if self.replaying else None)
+
+    def _compare_place(self, path: str, now: tuple[tuple[str, ...], torch.Tensor] | None) -> None:
+        """Refuse a ranking of the replay taken where the routers stand at other rows than at the capture's ranking
+        of its number: the routes' rows after it (read in order) would be forced on other tokens than recorded."""
+        places, at = self.expected_places, self.at
+        if places is None or self.expected is None or at >= len(places) or places[at] is None:
+            return
+        if now is None:
+            return
+        names, rows = now
+        want = places[at] or {}
+        here = dict(zip(names, rows.tolist(), strict=True))
+        moved = [(n, want[n], r) for n, r in here.items() if n in want and want[n] != r]
+        if moved:
+            name, was, is_ = moved[0]
+            raise TokenMismatchError(
+                f"{self._what(path)}, and its choice {at + 1} of this replay was taken where router '{name}' had read "
+                f"{is_} rows of the routes, where at the capture it had written {was}: the calls ran in another "
+                f"order than at the capture (a part of the model called before or after another), so the rows "
+                f"after it would be forced on other tokens than they were recorded on. Run the calls in the order of "
+                f"the capture, or capture them again in this order. {_FIX}"
+            )
 
     @staticmethod
     def _what(path: str) -> str:
@@ -221,6 +283,10 @@ class ChoiceLog:
     def kept(self) -> tuple[tuple[str, torch.Tensor], ...]:
         """The capture's rankings on the host, for the routes read from it."""
         return tuple((path, indices.cpu()) for path, indices in self.recorded)
+
+    def kept_places(self) -> tuple[dict[str, int] | None, ...]:
+        """Where each router stood in its rows at each of the capture's rankings (None: not told), on the host."""
+        return tuple(None if p is None else dict(zip(p[0], p[1].tolist(), strict=True)) for p in self.places)
 
 
 class _TapMode(TorchFunctionMode):

@@ -596,8 +596,13 @@ class OrphanWatch(TorchFunctionMode):
         scopes: Iterable[str],
         widths: Iterable[int],
         excluded: Callable[[str, nn.Module], bool] | None = None,
+        place: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
+        #: tells where the routers stand in their rows (see :attr:`places`), where given
+        self.place = place
+        #: where the routers stood in their rows at each of :attr:`choices` (what ``place`` told; None: not given)
+        self.places: list[Any] = []
         self.modules = dict(model.named_modules())
         self.names = {id(m): n for n, m in self.modules.items()}
         self.scopes = tuple(scopes)
@@ -910,6 +915,7 @@ class OrphanWatch(TorchFunctionMode):
             indices = choice_indices(func, out)
             if indices is not None:
                 self.choices.append((ranking, indices.detach().clone()))
+                self.places.append(None if self.place is None else self.place())
         if masked is not None:
             self._mask_use(masked, func, args, kwargs, out)
         if func in _UNIFORM and not torch.compiler.is_compiling():
@@ -1091,6 +1097,7 @@ class OrphanWatch(TorchFunctionMode):
         mask = picking_mask(func, args, kwargs)
         if mask is not None:
             self.choices.append((name, mask.detach().clone()))
+            self.places.append(None if self.place is None else self.place())
             if _weak_get(self.thresholds, mask) is not None:
                 self.ranked.setdefault(name, (holder, _where(), False))
         elif isinstance(out, torch.Tensor) and out.dtype == torch.bool:  # (a row of a threshold's mask: one too)
@@ -1120,6 +1127,10 @@ class OrphanWatch(TorchFunctionMode):
     def chosen(self) -> list[tuple[str, torch.Tensor]]:
         """The indices of the rankings :attr:`choosers` took in the watched forward, with their paths, in order."""
         return [(path, indices) for path, indices in self.choices if path in self.choosers]
+
+    def chosen_places(self) -> list[Any]:
+        """Where the routers stood in their rows at each of :meth:`chosen`, in order (what ``place`` told)."""
+        return [at for (path, _), at in zip(self.choices, self.places, strict=True) if path in self.choosers]
 
     def _expert_choice(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Note a ranking or draw along the input's tokens (a dimension known to be theirs) of scores with another
@@ -1596,6 +1607,7 @@ def watch_forward(
     excluded: Callable[[str, nn.Module], bool] | None,
     on_pass: Callable[[str, list[str], OrphanWatch], None] | None = None,
     passed: Callable[[str], bool] | None = None,
+    place: Callable[[], Any] | None = None,
 ) -> Callable[[], None]:
     """Watch the next forward of ``model``, or of the modules of it called on their own; returns a function
     that stops watching.
@@ -1608,7 +1620,8 @@ def watch_forward(
     module path once such a forward ran to its end with no decision outside the routers (not after one that
     raised), the paths of the modules in MoE blocks it did not run (:meth:`OrphanWatch.not_run`) and the watch (its
     :attr:`~OrphanWatch.choosers` of the tokens reaching routers, and what they chose); the
-    forward of a path ``passed`` says passed before is not watched again.
+    forward of a path ``passed`` says passed before is not watched again. ``place`` is handed to each watch (see
+    :attr:`OrphanWatch.places`).
     """
     from torch.nn.modules import module as _module
 
@@ -1633,7 +1646,7 @@ def watch_forward(
             return  # (its forward, and the modules it runs, are left alone)
         ran.clear()
         ran.add(id(module))
-        state["watch"] = OrphanWatch(model, scopes, widths, excluded)
+        state["watch"] = OrphanWatch(model, scopes, widths, excluded, place)
         state["watch"].seed(args, module_call_kwargs())  # (the caller's input: tokens, features)
         state["watch"].__enter__()
 
@@ -1805,6 +1818,7 @@ def watch_first_runs(
     widths: Iterable[int],
     excluded: Callable[[str, nn.Module], bool] | None,
     on_pass: Callable[[str, OrphanWatch], None],
+    place: Callable[[], Any] | None = None,
 ) -> Callable[[], None]:
     """Watch the next run of each module of ``model`` at ``paths`` (modules in MoE blocks that the watched
     forward did not run) as :func:`watch_forward` watches the model's; returns a function that stops.
@@ -1814,7 +1828,7 @@ def watch_first_runs(
     model's is; once a run of it passes, its hooks go (and those of the modules at ``paths`` inside it, run with it)
     and ``on_pass`` is called with its path and the watch (its
     :attr:`~OrphanWatch.choosers` of the tokens reaching routers, found there as in the model's forward, and
-    what they chose).
+    what they chose, and where ``place`` told the routers stood in their rows then).
     """
     scopes, widths = tuple(scopes), frozenset(widths)
     hooks: list[_FirstRun] = []
@@ -1830,7 +1844,7 @@ def watch_first_runs(
             module = model.get_submodule(path)
         except AttributeError:  # (gone since: a change on the way to the routers watches the model again)
             continue
-        hook = _FirstRun(path, lambda: OrphanWatch(model, scopes, widths, excluded), passed)
+        hook = _FirstRun(path, lambda: OrphanWatch(model, scopes, widths, excluded, place), passed)
         hook.handles = [
             module.register_forward_pre_hook(hook),
             module.register_forward_hook(_Leave(hook), always_call=True),

@@ -455,6 +455,9 @@ class Routes:
     _lineage: torch.Tensor | None = None
     #: (see _trusted; a class default for routes pickled before it was kept)
     _choice_forwards: tuple[int, ...] | None = None
+    #: where each router stood in its rows at each of ``_token_choices`` (by name; None: not told), in memory only:
+    #: routes cut, joined, renamed, written to a file or sent drop it (see _trusted; a class default as above)
+    _choice_places: tuple[dict[str, int] | None, ...] | None = None
 
     def __init__(
         self,
@@ -528,6 +531,7 @@ class Routes:
         self._rows_untold: str | None = None
         self._token_choices: Choices | None = None
         self._choice_forwards = None
+        self._choice_places: tuple[dict[str, int] | None, ...] | None = None
         self._joined = 0
         self._recorded_names: tuple[str, ...] | None = None
         self._router_ids: tuple[torch.Tensor, ...] | None = None
@@ -1301,6 +1305,8 @@ class Routes:
         #: how many of ``_token_choices`` each forward of the capture took, in order (None: not known; the record is
         #: then kept whole only): a slice of whole forwards keeps theirs (see ``moe_replay._choice_record``)
         obj._choice_forwards = None
+        #: set by Session.routes(): where each router stood in its rows at each of ``_token_choices``, in memory only
+        obj._choice_places = None
         #: set by Routes.cat: how many routes of rows it joined (0 where none did; kept by the methods that keep every
         #: row in place). Joined routes may be several sequences' (a batch's, as an engine call returns them), which
         #: stitch_turns refuses as one conversation's turn where no token ids show they are pieces of one sequence

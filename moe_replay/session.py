@@ -802,6 +802,7 @@ class Session:
         self._replaying = False
         #: the rankings of the modules that choose which tokens reach their routers (see :mod:`._token_choices`)
         self._choices = ChoiceLog()
+        self._choices.place = self._row_places
         self._tapped: set[str] = set()  # the paths of those tapped in the open block
         self._counting = False  # whether the model's forwards are counted in the open block (see _count_forwards)
         self._attached = False
@@ -1114,7 +1115,8 @@ class Session:
                     skeleton = self._mark_watched(watched, path, not_run, watch.choosers)
                     # (the choices of the watched forward, made before its choosers were known: those of a module
                     # tapped already were noted as it made them)
-                    chosen = [(c, i) for c, i in watch.chosen() if c not in self._tapped]
+                    placed = zip(watch.chosen(), watch.chosen_places(), strict=True)
+                    chosen = [(c, i, a) for (c, i), a in placed if c not in self._tapped]
                     # (the model's forwards are counted from here on where a module may choose its routers' tokens:
                     # one that chose, or a first run still to watch; this one, over now, counted first)
                     if not path and (chosen or not_run) and not self._counting:
@@ -1123,8 +1125,8 @@ class Session:
                             stops.append(self._count_forwards(watched))
                     elif path and chosen and not self._counting:  # (a part's forward: which of the model's is not told)
                         self._choices.counts = None
-                    for chooser, indices in chosen:
-                        self._choices.note(chooser, indices)
+                    for chooser, indices, at in chosen:  # (after the fact: where the routers stood as it was taken)
+                        self._choices.note(chooser, indices, at=at)
                     if watch.choosers:
                         stops.append(self._tap_choosers(watched, watch.choosers))
                     if not path:
@@ -1139,7 +1141,17 @@ class Session:
                     and self._passed(watched, self._scopes(), path, self._left_out(watched)) is not None
                 )
 
-            stops.append(watch_forward(model, scopes, self._widths(), self._excluded, on_pass=on_pass, passed=passed))
+            stops.append(
+                watch_forward(
+                    model,
+                    scopes,
+                    self._widths(),
+                    self._excluded,
+                    on_pass=on_pass,
+                    passed=passed,
+                    place=self._choices.snapshot,
+                )
+            )
         self._watching = True
 
         def stop_watching() -> None:
@@ -1242,12 +1254,21 @@ class Session:
             if watched is None or not watch.choosers:
                 return
             skeleton.choosers = tuple(dict.fromkeys((*skeleton.choosers, *watch.choosers)))
-            chosen = [(c, i) for c, i in watch.chosen() if c not in self._tapped]
-            for chooser, indices in chosen:
-                self._choices.note(chooser, indices)
+            chosen = [(c, i, a) for (c, i), a in zip(watch.chosen(), watch.chosen_places(), strict=True)]
+            for chooser, indices, at in chosen:
+                if chooser not in self._tapped:  # (after the fact: where the routers stood as the watch saw it)
+                    self._choices.note(chooser, indices, at=at)
             stops.append(self._tap_choosers(watched, watch.choosers))
 
-        return watch_first_runs(model, list(skeleton.not_run), self._scopes(), self._widths(), self._excluded, on_pass)
+        return watch_first_runs(
+            model,
+            list(skeleton.not_run),
+            self._scopes(),
+            self._widths(),
+            self._excluded,
+            on_pass,
+            self._choices.snapshot,
+        )
 
     @staticmethod
     def _passed(model: nn.Module, scopes: list[str], path: str, left_out: frozenset[str]) -> _Skeleton | None:
@@ -1789,6 +1810,20 @@ class Session:
         if not self._attached:
             raise SessionStateError("this session was detached; call mr.attach(model) again")
 
+    def _row_places(self, replay: bool) -> tuple[tuple[str, ...], torch.Tensor] | None:
+        """Where each router stands in its rows now, a copy of their device cursors in one tensor (no sync): the rows
+        its replay read so far (``replay``), else those its capture wrote; the routers with none left out. None where
+        none has any."""
+        names: list[str] = []
+        rows: list[torch.Tensor] = []
+        for h in self._hooks:
+            src, ring = h.replay_source, h.capture_ring
+            cursor = (src.consumed if src is not None else None) if replay else (ring.written if ring else None)
+            if cursor is not None:
+                names.append(h.name)
+                rows.append(cursor.reshape(()) if not rows else cursor.reshape(()).to(rows[0].device))
+        return (tuple(names), torch.stack(rows)) if rows else None
+
     def _set(self, *, capturing: bool | None = None, replaying: bool | None = None) -> None:
         if capturing is not None:
             self._capturing = capturing
@@ -2199,6 +2234,8 @@ class Session:
         # (which tokens the modules that choose them let reach their routers: a replay compares; rows dropped took
         # the choices of their forwards with them, which no longer line up)
         routes._token_choices = self._choices.kept() if not routes._dropped_rows else None
+        # (where the routers stood in their rows at each ranking: a replay compares, as its rows are read in order)
+        routes._choice_places = self._choices.kept_places() if routes._token_choices is not None else None
         # (how many rankings each forward took, where they line up with the forwards the routes know: slices of whole
         # forwards keep theirs)
         per_forward = self._choices.forwards()
@@ -2513,7 +2550,9 @@ class Session:
         self._set(replaying=True)
         recorded = getattr(routes, "_token_choices", None) if isinstance(routes, Routes) else None
         self._choices.start_replay(
-            recorded, getattr(routes, "_choice_forwards", None) if isinstance(routes, Routes) else None
+            recorded,
+            getattr(routes, "_choice_forwards", None) if isinstance(routes, Routes) else None,
+            getattr(routes, "_choice_places", None) if isinstance(routes, Routes) else None,
         )
         unmet = 0
         ok = False
