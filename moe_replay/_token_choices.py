@@ -29,6 +29,7 @@ counted.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -74,6 +75,7 @@ class ChoiceLog:
         self.forward = -1  # the replay's counted forward under way or last (its number from 0)
         self.open = False  # whether a counted forward of the replay is under way
         self.taken = 0  # the rankings the counted forward under way took
+        self.starts: list[int] = []  # where each forward's rankings start among ``expected`` (see start_replay)
         #: where each router stands in its rows now, by name (set by the session: a capture's rows written, a replay's
         #: rows read; None where not told), and for each ranking of the capture where they stood as it was taken
         #: (None: noted after the fact, by a watch)
@@ -91,12 +93,15 @@ class ChoiceLog:
     ) -> None:
         """A replay of routes that recorded ``expected``, ``per_forward`` of them in each forward where told, and
         ``places``, the row of each router at each of them where told, starts."""
-        told = expected is not None and per_forward is not None and sum(per_forward) == len(expected)
+        # (none recorded: any ranking is refused in call order, and the forwards need no counting)
+        told = bool(expected) and per_forward is not None and sum(per_forward) == len(expected or ())
         self.expected, self.at, self.replaying = expected, 0, True
         self.expected_places = (
             places if expected is not None and places is not None and len(places) == len(expected) else None
         )
         self.per_forward = per_forward if told else None
+        #: where each forward's rankings start among ``expected`` (by ``per_forward``)
+        self.starts = list(itertools.accumulate(per_forward or (), initial=0)) if told else []
         self.forward, self.open, self.taken = -1, False, 0
 
     def end_replay(self) -> int:
@@ -132,21 +137,22 @@ class ChoiceLog:
     def begin(self) -> None:
         """A forward of the model starts (not a recompute in backward): the rankings noted next are its own. In a
         replay, the forward before it is checked to have taken all of its capture's forward's (see :meth:`end`)."""
-        if current_graph_task_id() != -1:
-            return
+        counted = self.capturing and self.counts is not None
+        if not (counted or (self.replaying and self.per_forward is not None)) or current_graph_task_id() != -1:
+            return  # (first: a forward with nothing to count reads nothing more)
         if self.capturing and self.counts is not None:
             self.counts.append(0)
         if self.replaying and self.per_forward is not None:
             self._close()
             self.forward += 1
             self.open, self.taken = True, 0
-            self.at = sum(self.per_forward[: self.forward])
+            self.at = self.starts[min(self.forward, len(self.starts) - 1)]
 
     def end(self, failed: bool) -> None:
         """A counted forward of the model ends (``failed``: it raises, and is not checked): in a replay, refuse it
         where it took fewer rankings than the capture's forward of the same number."""
-        if current_graph_task_id() != -1 or not self.replaying:
-            return
+        if not self.open or current_graph_task_id() != -1 or not self.replaying:
+            return  # (first: no counted forward of a replay under way, nothing to check)
         if failed:
             self.open = False
         else:
@@ -358,7 +364,7 @@ class _End(_Inert):
         self.log = log
 
     def __call__(self, module: nn.Module, args: Any, out: Any) -> None:
-        if not torch.compiler.is_compiling():
+        if self.log.open and not torch.compiler.is_compiling():  # (a replay's counted forward under way only)
             self.log.end(failed=sys.exc_info()[0] is not None)
 
 
