@@ -312,6 +312,8 @@ _SCALINGS = _tensor_funcs(
     "mul div true_divide add sub neg abs clamp clamp_min clamp_max __mul__ __rmul__ __truediv__ __rtruediv__ "
     "__add__ __radd__ __sub__ __rsub__ __neg__ __abs__"
 )
+#: Those of the scalings that move a zero off zero (a threshold at zero of their result is one at another value).
+_SHIFTS = _tensor_funcs("add sub clamp clamp_min clamp_max __add__ __radd__ __sub__ __rsub__")
 #: Rankings of such values outside every router: a later choice by score (a capacity drop by a top-k of the weights,
 #: a sort of them, a top-p), refused as made.
 _LATER_RANKINGS = _tensor_funcs("topk sort argsort msort kthvalue argmax argmin")
@@ -328,6 +330,15 @@ _STATISTICS = _tensor_funcs("sum mean any all count_nonzero nansum numel")
 _LOGICAL = _tensor_funcs(
     "__and__ __or__ __xor__ __invert__ __rand__ __ror__ logical_and logical_or logical_not bitwise_not"
 )
+
+
+def _at_zero(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Is this threshold (of :data:`_THRESHOLDS`) one at zero: ``bool()``, or a comparison with the number 0? Of a
+    router's returned weights, unshifted, it is the pattern of the slots its decision filled, not a choice by score."""
+    if func is torch.Tensor.bool:
+        return True
+    other = [a for a in (*args, *kwargs.values()) if not isinstance(a, torch.Tensor)]
+    return len(other) == 1 and isinstance(other[0], int | float) and not isinstance(other[0], bool) and other[0] == 0
 
 
 def _tensors(value: Any, depth: int) -> list[torch.Tensor]:
@@ -649,6 +660,8 @@ class OrphanWatch(TorchFunctionMode):
         #: floating tensors holding an attached router's returned values (its weights or scores), picked, viewed,
         #: cast or scaled since (see :meth:`returned`), by id: the router's path
         self.scored: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        #: those of :attr:`scored` whose zeros are no longer the router's (shifted by an addition or a clamp since)
+        self.shifted: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
         #: masks of a threshold on such values, and indices of an extreme of them, outside every router: what they are
         #: reported as once a later call reads them (see :meth:`_later`)
         self.later: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
@@ -972,21 +985,29 @@ class OrphanWatch(TorchFunctionMode):
             return
         router = _weak_get(self.scored, first)
         if router is not None and func in _CARRIES:
+            shifted = _weak_get(self.shifted, first)
             for t in _tensors(out, 1):
                 if t.is_floating_point():
                     _weak_put(self.scored, t, router)
+                    if shifted:
+                        _weak_put(self.shifted, t, True)
             return
         if func in _SCALINGS or func in _THRESHOLDS:
             tensors = [a for a in _flat(args, kwargs)]
             router = next((r for r in map(lambda a: _weak_get(self.scored, a), tensors) if r is not None), None)
             if router is None or not isinstance(out, torch.Tensor):
                 return
+            shifted = any(_weak_get(self.shifted, a) for a in tensors)
             if func in _THRESHOLDS:
+                if not shifted and _at_zero(func, args, kwargs):  # (the nonzero pattern of the router's own weights:
+                    return  # a dispatch mask, ``combine.bool()``, ``gates > 0``: what the decision chose, forced too)
                 what = self._later_site(f"a threshold's mask ({getattr(func, '__name__', 'compare')})", router)
                 if what is not None:
                     _weak_put(self.later, out, what)
             elif out.numel() <= max(a.numel() for a in tensors if _weak_get(self.scored, a) is not None):
                 _weak_put(self.scored, out, router)
+                if shifted or func in _SHIFTS:
+                    _weak_put(self.shifted, out, True)
             return
         if router is None:
             return

@@ -63,10 +63,12 @@ class _DropBlock(nn.Module):
         for e, expert in enumerate(self.experts):
             if self.how == "threshold":
                 pairs = ((ids == e) & (weights > 0.3)).nonzero()
+            elif self.how == "shifted":
+                pairs = ((ids == e) & ((weights - 0.3) > 0)).nonzero()
             else:
                 pairs = (ids == e).nonzero()
             tok, slot = pairs[:, 0], pairs[:, 1]
-            if self.how != "threshold" and tok.numel() > capacity:
+            if self.how not in ("threshold", "shifted") and tok.numel() > capacity:
                 w = weights[tok, slot]
                 if self.how == "detached":
                     keep = torch.topk(w.detach(), capacity).indices
@@ -116,7 +118,9 @@ class _GrandparentDrop(nn.Module):
 class _Ordinary(nn.Module):
     """Dispatch by the router's ids only: ``sorted`` (tokens reordered by expert id, grouped by counts), ``onehot`` (an
     expert mask and ``torch.where``), ``logged`` (a ``max`` of the weights and the share over a threshold kept as
-    statistics, a ``max`` along the slots' values only), ``renorm`` (the weights renormalised and scaled first)."""
+    statistics, a ``max`` along the slots' values only), ``renorm`` (the weights renormalised and scaled first),
+    ``nonzero`` (the slots the weights fill, by ``bool()`` and ``> 0`` of them: a dispatch mask, GShard's
+    ``combine.bool()``)."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
@@ -144,6 +148,12 @@ class _Ordinary(nn.Module):
                 tok, w = rows[start : start + n], flat_w[start : start + n]
                 out.index_add_(0, tok, self.experts[e](tokens[tok]) * w.unsqueeze(-1))
                 start += n
+            return out.view_as(x)
+        if self.how == "nonzero":  # (the slots the decision filled: bool() and > 0 of its own weights, rescaled)
+            live = weights.bool() & (weights * 2.0 > 0)
+            for e, expert in enumerate(self.experts):
+                tok, slot = ((ids == e) & live).nonzero().unbind(1)
+                out[tok] += expert(tokens[tok]) * weights[tok, slot].unsqueeze(-1)
             return out.view_as(x)
         mask = nn.functional.one_hot(ids, E).permute(2, 0, 1)
         for e, expert in enumerate(self.experts):
@@ -181,6 +191,7 @@ def _router(model: nn.Module) -> _Router:
         (lambda: _DropBlock("weights"), "keep = torch.topk(w * 2.0, capacity)", None),
         (lambda: _DropBlock("sort"), "keep = torch.argsort(w, descending=True)", None),
         (lambda: _DropBlock("threshold"), "pairs = ((ids == e) & (weights > 0.3)).nonzero()", None),
+        (lambda: _DropBlock("shifted"), "pairs = ((ids == e) & ((weights - 0.3) > 0)).nonzero()", None),
         (_GrandparentDrop, "keep = weights[tok, slot].detach().topk(capacity)", "layers.0.scorer.router"),
     ],
     ids=[
@@ -188,6 +199,7 @@ def _router(model: nn.Module) -> _Router:
         "topk-of-scaled-weights",
         "sort-of-weights",
         "threshold-on-weights",
+        "zero-threshold-on-shifted-weights",
         "grandparent",
     ],
 )
@@ -232,7 +244,7 @@ def test_the_drop_replays_silently_without_the_check() -> None:
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize("how", ["sorted", "onehot", "logged", "renorm"])
+@pytest.mark.parametrize("how", ["sorted", "onehot", "logged", "renorm", "nonzero"])
 def test_blocks_that_dispatch_by_the_ids_alone_replay_as_by_hand(how: str) -> None:
     """Not refused: a replay after the router changes gives the output of the changed model with the captured ids
     forced by hand."""
