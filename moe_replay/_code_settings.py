@@ -59,6 +59,7 @@ __all__ = [
     "Home",
     "OutsideState",
     "assigned_on_others",
+    "attribute_names_read",
     "code_settings",
     "flag_buffers",
     "generators",
@@ -856,6 +857,173 @@ def flag_buffers(module: nn.Module) -> dict[str, Any]:
         for name, buf in module._buffers.items()
         if buf is not None and buf.dim() == 0 and not buf.is_meta and buf.dtype in _FLAG_DTYPES
     }
+
+
+#: names whose use in a module's code may read its attributes otherwise than by a name written in the code (a name
+#: computed, every attribute at once, its parameters and buffers by iteration, or its class's lookup from ``super()``)
+_DYNAMIC_READS = frozenset(
+    (
+        "getattr",
+        "vars",
+        "dir",
+        "__dict__",
+        "__getattribute__",
+        "__getattr__",
+        "attrgetter",
+        "getattr_static",
+        "super",
+        "locals",
+        "globals",
+        "eval",
+        "exec",
+        "_buffers",
+        "_parameters",
+        "buffers",
+        "named_buffers",
+        "parameters",
+        "named_parameters",
+        "state_dict",
+        "_modules",
+    )
+)
+#: how many functions :func:`attribute_names_read` reads from one forward before it gives up (reads nothing proven)
+_READ_BUDGET = 256
+#: the instructions that may follow a load of the module in code that only reads or writes its attributes by name
+_ATTRIBUTE_OPS = frozenset(("LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR", "DELETE_ATTR"))
+#: the methods of ``nn.Module`` a subclass overrides to read its attributes otherwise than by name at each call
+_LOOKUP_METHODS = ("__getattribute__", "__getattr__", "__call__", "_call_impl", "_wrapped_call_impl")
+#: what :func:`attribute_names_read` found, per class, per forward function
+_NAMES_READ: weakref.WeakKeyDictionary[type, dict[Any, frozenset[str] | None]] = weakref.WeakKeyDictionary()
+
+
+def attribute_names_read(module: nn.Module) -> frozenset[str] | None:
+    """Every name the code that ``module``'s forward runs may read its attributes by: the names and string
+    constants of its forward, the methods, properties and functions it reaches, and the functions defined in them,
+    followed to any depth; or None where that reading is not complete (no Python forward; a name that reads
+    attributes otherwise than by a name written in the code: ``getattr(self, name)``, ``vars(self)``,
+    ``self.__dict__``, ``super()``, ``self.named_buffers()``; the module handed on as a value, to code not read
+    here: ``helper(self)``, ``f"{self}"``; a class attribute that is another kind of descriptor, or a callable
+    attribute of the module's that is no function; an override of attribute lookup or of ``__call__``; more code
+    than a bound). An attribute of the module whose name is not among them is never read by its forward: a record
+    the code around it keeps there (the ids a block stores on its gate after the gate returns), not a setting.
+    Read from the code; nothing runs."""
+    cls = type(module)
+    for klass in cls.__mro__:
+        if klass is nn.Module:
+            break
+        if any(name in vars(klass) for name in _LOOKUP_METHODS):
+            return None
+    forward = module.__dict__.get("forward")
+    fn = _function(forward) if forward is not None else _function(getattr(cls, "forward", None))
+    if fn is None:
+        return None
+    # (a method of its class, which takes the module first: the class's forward, or one a wrapper set on the module
+    # runs; any other function set on it may reach the module otherwise, unseen here)
+    if not _class_method(cls, fn):
+        return None
+    per_class = _NAMES_READ.setdefault(cls, {})
+    if fn in per_class:
+        found = per_class[fn]
+    else:
+        found = per_class[fn] = _names_read(fn, cls)
+    if found is None:
+        return None
+    # (callables the module holds itself that its code names: a function followed; another object is not read)
+    own = module.__dict__
+    extra: set[str] = set()
+    for name in found & own.keys():
+        value = own[name]
+        if isinstance(value, nn.Module | torch.Tensor) or not callable(value):
+            continue
+        inner = _function(value) if isinstance(value, types.FunctionType | types.MethodType) else None
+        if inner is None:
+            return None
+        if isinstance(value, types.MethodType) and value.__self__ is not module:
+            return None  # (a method of another object: what it holds is not read here)
+        more = _names_read(inner, cls if isinstance(value, types.MethodType) else None)
+        if more is None:
+            return None
+        extra |= more
+    return found | extra if extra else found
+
+
+def _class_method(cls: type, fn: types.FunctionType) -> bool:
+    """Is ``fn`` a method of ``cls`` (as looked up on it, statically), which takes the module first?"""
+    attr = inspect.getattr_static(cls, fn.__name__, None)
+    return isinstance(attr, types.FunctionType) and _function(attr) is fn
+
+
+def _names_read(fn: types.FunctionType, cls: type | None) -> frozenset[str] | None:
+    """The names and string constants of ``fn``'s code and of all it reaches (see :func:`attribute_names_read`), its
+    first argument the module where ``cls`` is given (a method of it); None where the reading is not complete."""
+    names: set[str] = set()
+    seen: set[types.CodeType] = set()
+    todo: list[tuple[types.FunctionType, type | None, bool]] = [(fn, cls, cls is not None)]
+    while todo:
+        f, owner, is_method = todo.pop()
+        if f.__code__ in seen:
+            continue
+        seen.add(f.__code__)
+        if len(seen) > _READ_BUDGET:
+            return None
+        top = f.__code__
+        me = top.co_varnames[0] if is_method and top.co_argcount else None
+        codes = [top]
+        mine: set[str] = set()
+        while codes:
+            c = codes.pop()
+            codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+            if not _DYNAMIC_READS.isdisjoint(c.co_names):
+                return None
+            mine.update(c.co_names)
+            mine.update(k for k in c.co_consts if type(k) is str)
+            if me is not None and _escapes(c, me):
+                return None
+        names |= mine
+        cells = _Cells(f) if f.__closure__ else None
+        for name in sorted(mine | set(top.co_freevars)):
+            value = cells.get(name, _MISSING) if cells is not None and name in cells.cells else _MISSING
+            if value is _MISSING:
+                value = f.__globals__.get(name, _MISSING)
+            if isinstance(value, types.FunctionType):
+                todo.append((value, None, False))
+            elif isinstance(value, nn.Module):
+                return None  # (a module held in a global or a closure cell: it may be this one, handed on unseen)
+            if owner is None:
+                continue
+            attr = inspect.getattr_static(owner, name, _MISSING)
+            if isinstance(attr, types.FunctionType):
+                todo.append((attr, owner, True))
+            elif isinstance(attr, staticmethod | classmethod):
+                inner = _function(attr)
+                if inner is not None:
+                    todo.append((inner, None, False))
+            elif isinstance(attr, property):
+                todo.extend((g, owner, True) for g in (attr.fget, attr.fset) if isinstance(g, types.FunctionType))
+            elif attr is not _MISSING and hasattr(type(attr), "__get__") and not isinstance(attr, type):
+                return None  # (another descriptor: its __get__ is handed the module)
+    return frozenset(names)
+
+
+def _escapes(code: types.CodeType, me: str) -> bool:
+    """Is the module (the local or free variable ``me``) used in ``code`` otherwise than to read or write one of its
+    attributes by name (``self.gate``, ``self.ids = ids``): handed to a call, formatted, returned, compared?"""
+    loaded = False
+    for ins in _instructions(code):
+        op = ins.opname
+        if op in _PASS:
+            continue
+        if loaded and op not in _ATTRIBUTE_OPS:
+            return True
+        loaded = False
+        if op.startswith("LOAD_FAST") or op in ("LOAD_DEREF", "LOAD_NAME"):
+            argval = ins.argval
+            if isinstance(argval, tuple):  # (two locals loaded at once: the first is left under the second)
+                if argval[0] == me:
+                    return True
+                argval = argval[-1]
+            loaded = argval == me
+    return loaded
 
 
 def _function(fn: Any) -> types.FunctionType | None:

@@ -53,6 +53,7 @@ from . import _lean, _torch_compat
 from ._arguments import ArgumentStamp, _version, stamp_arguments
 from ._code_settings import (
     HeldStamp,
+    attribute_names_read,
     code_settings,
     comparable,
     flag_buffers,
@@ -388,11 +389,14 @@ class _ChunkState:
     held: tuple[_Held, ...] | None = None
 
 
-def _held_indices(scope: nn.Module) -> tuple[_Held, ...]:
+def _held_indices(scope: nn.Module, unread: frozenset[str] | None = None) -> tuple[_Held, ...]:
     """What the scope and its children outside containers hold that may order or size its chunks: tensors of
     integers or booleans (parameters, buffers, plain attributes), with their version counters (read on the host:
-    no sync), and lists or tuples of plain values (a chunk order, chunk sizes), with their items."""
+    no sync), and lists or tuples of plain values (a chunk order, chunk sizes), with their items. Those its code
+    never reads (see :func:`_unread`; ``unread``, where read already) are left out."""
     out: list[_Held] = []
+    if unread is None:
+        unread = _unread(scope)
     for prefix, m in _scope_modules(scope):
         own = m.__dict__
         keys = _own_keys(own)
@@ -402,12 +406,45 @@ def _held_indices(scope: nn.Module) -> tuple[_Held, ...]:
             (own, zip(keys, map(own.__getitem__, keys), strict=True)),
         ):
             for k, v in items:
+                if unread and prefix + k in unread:
+                    continue
                 if isinstance(v, torch.Tensor):
                     if not (v.is_floating_point() or v.is_complex()):
                         out.append((store, k, prefix + k, v, None if v.is_inference() else v._version))
                 elif isinstance(v, list | tuple) and len(v) <= 256 and all(type(i) in (int, bool) for i in v):
                     out.append((store, k, prefix + k, None, tuple(v)))
     return tuple(out)
+
+
+#: the containers whose own attributes no code of theirs reads (never called, or torch's forward over the children)
+_PLAIN_CONTAINERS = frozenset((nn.ModuleList, nn.ModuleDict, nn.Sequential))
+
+
+def _unread(scope: nn.Module) -> frozenset[str]:
+    """The keys (as :func:`_fingerprint` names the scope modules' own attributes, parameters and buffers) of what
+    the code of the scope and its submodules never reads: an attribute whose name none of that code may read it by
+    (see :func:`moe_replay._code_settings.attribute_names_read`), such as a record the code around the router keeps
+    on it (the ids a block stores on its gate after the gate returns, for its loss). Its forward cannot depend on
+    it, so it is no setting. Empty where the reading is not complete for one of those modules, or where hooks of
+    the user's run on them (or global module hooks): their code may read anything."""
+    names: set[str] = set()
+    for m in scope.modules():
+        if type(m) in _PLAIN_CONTAINERS:
+            continue
+        if any(_user_hook(h) for n in _HOOK_FNS for h in list((vars(m).get(n) or {}).values())):
+            return frozenset()
+        read = attribute_names_read(m)
+        if read is None:
+            return frozenset()
+        names |= read
+    for hooks in (_GLOBAL_HOOKS, _torch_compat.global_forward_pre_hooks):
+        if any(_user_hook(h) for h in list(hooks.values())):
+            return frozenset()
+    out: set[str] = set()
+    for prefix, m in _scope_modules(scope):
+        for store in (m.__dict__.keys() - _MODULE_OWN, m._parameters.keys(), m._buffers.keys()):
+            out.update(prefix + k for k in store if k not in names)
+    return frozenset(out)
 
 
 def _own_keys(own: dict[str, Any]) -> list[str]:
@@ -429,7 +466,10 @@ def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
     rows in that order: a decision established under one order does not hold under another, written in place or
     replaced since."""
     out = _fingerprint(scope)
-    for _, _, name, tensor, value in _held_indices(scope):
+    unread = _unread(scope)
+    for key in unread:  # (a plain value its code never reads: a record kept on it, no setting)
+        out.pop(key, None)
+    for _, _, name, tensor, value in _held_indices(scope, unread):
         out[f"{name} (held)"] = HeldStamp(tensor, value) if tensor is not None else value
     out[_HOOKS_KEY] = _user_hooks(scope)
     return out

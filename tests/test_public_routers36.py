@@ -212,7 +212,7 @@ def test_flex_moe_gate_fed_each_samples_modalities_replays_as_by_hand(train: boo
     """Flex-MoE's noisy gate: the ``topk`` of ``k + 1`` noisy logits (noise drawn in eval too, times zero), the first
     k softmaxed, beside a cross-entropy of a sample's tokens against its modality-combination index (the second
     sample misses modalities here) and split load-balancing losses. With the layer's ``set_topk_indicates`` left out
-    (see the strict xfail below), found with zero configuration; the recorded rows are the experts each (token, slot)
+    (see the test below), found with zero configuration; the recorded rows are the experts each (token, slot)
     ran, and a replay after the gate changes forces them, in output and gradients as by hand."""
     model = _one_block(lambda: FlexMoeMLP(torch.tensor([0, 2]), keep_indicates=False))()
     session = assert_exact(model, _seq(), train=train)
@@ -220,15 +220,10 @@ def test_flex_moe_gate_fed_each_samples_modalities_replays_as_by_hand(train: boo
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the ids the layer stores on the gate after each forward (set_topk_indicates) read as a setting of the "
-    "router that changed inside the capture block: a SessionStateError at every capture, the first or a later one",
-)
 def test_flex_moe_layer_storing_the_ids_on_its_gate_replays_as_by_hand() -> None:
     """Flex-MoE's layer as written: after the gate returns, ``self.gate.set_topk_indicates(gate_top_k_idx)`` stores
     the ids on the gate (read later by the model's loss code, never by the gate's forward). That is a record, not a
-    setting: the router replays exactly without it, and should with it."""
+    setting: the router replays exactly without it, and with it: its code never reads that attribute."""
     model = _one_block(lambda: FlexMoeMLP(torch.tensor([0, 2])))()
     session = assert_exact(model, _seq())
     assert session.names == ("layers.0.all_gates.0",), session.names
