@@ -5920,7 +5920,7 @@ def _vary(
             if early:
                 held, holding = probe.run(force=force, inputs=inputs, early=first.early)
             else:
-                held, holding = probe.run(force=force, inputs=inputs, choices=first.choices)
+                held, holding = probe.run(force=force, inputs=inputs, choices=_by_scores(first, again))
             hidden = _hidden_shape(inputs)
             if holding.early_unheld if early else holding.unheld:
                 where: str | None = f"the number or shape of its {'earlier' if early else 'later'} choices"
@@ -5937,6 +5937,22 @@ def _vary(
         if where is not None:
             return checked, where
     return checked, None
+
+
+def _by_scores(first: _ProbeMode, again: _ProbeMode) -> list[Any]:
+    """The later choices of ``first`` to hold on other inputs: those made from the scores, or that cut the decision
+    (in either run); the others are made afresh (:data:`_FRESH`). A choice that reads neither (an expert's ``relu``
+    of its own hidden units, whose zeros a pooled output keeps) follows the other inputs as the forward does, and a
+    replay makes it so too: held at the real inputs' result, its zeros would move with the inputs, not with what
+    the scores choose."""
+
+    def kept(flags: list[bool], n: int) -> bool:
+        return n < len(flags) and flags[n]
+
+    return [
+        c if kept(first.scored, n) or kept(first.cuts, n) or kept(again.scored, n) or kept(again.cuts, n) else _FRESH
+        for n, c in enumerate(first.choices)
+    ]
 
 
 def _vary_state(probe: _Prober, force: dict[int, tuple[Any, int]], first: _ProbeMode, ev: Evidence) -> str | None:

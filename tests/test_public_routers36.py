@@ -328,14 +328,9 @@ def test_mixture_of_aggregators_routing_each_bag_replays_as_by_hand() -> None:
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="with ReLU experts (upstream's ABMIL fc) the zeros of the pooled latents read as a second choice from the "
-    "scores after the top-k: refused as a later cut, though the experts used are the recorded ones",
-)
 def test_mixture_of_aggregators_over_relu_experts_replays_as_by_hand() -> None:
     """The same router over upstream's experts, whose ``fc`` ends in a ReLU: the experts that run are the top-k's,
-    whatever the scores, and the weights are the renormalised softmax of the current scores gathered. It should replay
+    whatever the scores, and the weights are the renormalised softmax of the current scores gathered. It replays
     exactly as over GELU experts; the exact zeros of the ReLU latents are features, not a choice."""
     session = assert_exact(MoaClassifier(relu=True), _bags())
     assert session.names == ("moa.router_fc",), session.names
