@@ -2176,6 +2176,27 @@ class _AlongAnother(UnsupportedRouterError):
         self.axes = tuple(axes)
 
 
+def _over_tokens(
+    axes: Sequence[tuple[int, int, int]], args: tuple[Any, ...], kwargs: dict[str, Any], num_experts: int | None
+) -> str | None:
+    """Where every choice a forward makes along another dimension than the last is along one as wide as a dimension
+    of its tokens (one of its first input's, the hidden dimension aside: ``topk(dim=-2)`` of ``[batch, tokens,
+    experts]`` scores), and as wide as no number of experts discovery expects, that dimension in words: each expert
+    chooses its tokens (expert-choice routing). None otherwise (a choice among experts put along another dimension
+    than the last, or widths that cannot tell)."""
+    x = next((a for a in _leaves((args, kwargs), []) if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    if x is None or not axes:
+        return None
+    sizes = [int(n) for n in x.shape[:-1]]
+    widths = {width for _, _, width in axes}
+    if len(widths) != 1:
+        return None
+    width = next(iter(widths))
+    if width < 2 or width == num_experts or width not in sizes:
+        return None
+    return f"dim {sizes.index(width)} of its input {tuple(x.shape)} ({width}, its tokens)"
+
+
 def _expert_axis(axes: Sequence[tuple[int, int, int]], num_experts: int | None) -> tuple[int, int, int] | None:
     """The one axis along which a forward's choices are all made, where it may be the experts' dimension: at least
     two wide, as wide as the experts discovery expects (where it expects a number); else None."""
@@ -4775,7 +4796,15 @@ def _establish(
                     "weighted), or a threshold (the experts whose weight passes a relu or a comparison, a count that "
                     "varies per token), has no expert choice to record or replay"
                 )
-                if seen.aside:
+                over = _over_tokens(seen.axes, args, kwargs, num_experts) if seen.aside else None
+                if over is not None:
+                    why = (
+                        f"its forward chooses only along another dimension than the last ({seen.aside[0]}), one as "
+                        f"wide as {over}: each expert chooses its tokens (expert-choice routing), so there is no "
+                        "per-token choice for routes to record or replay"
+                    )
+                    fix = "Route by token choice (a top-k over experts per token)"
+                elif seen.aside:
                     why = (
                         f"its forward chooses only along another dimension than the last ({seen.aside[0]}): "
                         "moe_replay reads a choice among experts along the last dimension of the scores. Put the "

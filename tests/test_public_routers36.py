@@ -412,13 +412,8 @@ def test_pamoe_expert_choice_over_the_patches_is_refused() -> None:
 
 
 @pytest.mark.reliability("refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a topk over the tokens (dim -2 of [B, S, E] scores, experts already last) is refused as a choice 'along "
-    "another dimension than the last', advising to put the experts last, not named as expert-choice routing",
-)
 def test_pamoe_expert_choice_over_the_patches_is_refused_as_expert_choice() -> None:
-    """The refusal should say what the router does, as it does for an expert choice over the transposed scores
+    """The refusal says what the router does, as it does for an expert choice over the transposed scores
     (``test_public_routers34``): expert-choice routing, which no replay of k experts per token can force."""
     model = _one_block(PamoeBlock)()
     assert_refused(model, _seq(seq=8), "expert-choice routing")
