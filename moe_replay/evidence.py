@@ -5945,11 +5945,14 @@ def _vary(
         checked += counts
         if _same(again.early, first.early) if early else _same_choices(again.choices, first.choices, ev.top_k):
             continue  # the choices come out as on the real inputs: holding them changes nothing
+        kept = None if early else _by_scores(first, again)
+        if kept is not None and len(again.choices) == len(first.choices) and all(c is _FRESH for c in kept):
+            continue  # (none to hold: the run that holds them is this one, and none reads the scores to reweigh)
         try:
             if early:
                 held, holding = probe.run(force=force, inputs=inputs, early=first.early)
             else:
-                held, holding = probe.run(force=force, inputs=inputs, choices=_by_scores(first, again))
+                held, holding = probe.run(force=force, inputs=inputs, choices=kept)
             hidden = _hidden_shape(inputs)
             if holding.early_unheld if early else holding.unheld:
                 where: str | None = f"the number or shape of its {'earlier' if early else 'later'} choices"
