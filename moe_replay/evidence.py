@@ -5667,7 +5667,9 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     calls after it that make integers or booleans out of floating values, or cut them piecewise,
     are its later choices (see :meth:`_ProbeMode._after`). Where there are any, the forward runs
     on other inputs (the tokens rolled; random values of the inputs' mean and spread) twice:
-    the later choices made afresh, and held at their results on the real inputs. If the
+    the later choices made afresh, and held at their results on the real inputs (those made from
+    the scores or that cut the decision; the others, an expert's ``relu`` of its own units, made
+    afresh in both: see :func:`_by_scores`). If the
     output's structure differs between the two (other experts named, zeros in other places: a
     weight cut to zero is an expert dropped), the later choices pick the experts: refused. So is
     one whose later choices over every expert, held, change the values of the weights it returns
