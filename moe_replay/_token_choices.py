@@ -214,7 +214,7 @@ class ChoiceLog:
     def _place(self, replay: bool) -> tuple[tuple[str, ...], torch.Tensor] | None:
         """Where the routers stand in their rows now (names, and rows on the device: no sync), where told: rows read
         by the replay (``replay``), else rows written by the capture."""
-        if self.place is None or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        if self.place is None or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
             return None
         return self.place(replay)
 

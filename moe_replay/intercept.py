@@ -425,21 +425,18 @@ def _unread(scope: nn.Module) -> frozenset[str]:
     the code of the scope and its submodules never reads: an attribute whose name none of that code may read it by
     (see :func:`moe_replay._code_settings.attribute_names_read`), such as a record the code around the router keeps
     on it (the ids a block stores on its gate after the gate returns, for its loss). Its forward cannot depend on
-    it, so it is no setting. Empty where the reading is not complete for one of those modules, or where hooks of
-    the user's run on them (or global module hooks): their code may read anything."""
+    it, so it is no setting. Empty where the reading is not complete for one of those modules. The user's hooks on
+    them (and the global module hooks) are not read here: the same keys are left out whether or not a hook runs at
+    the time (a decision established while a hook was in, checked at a boundary after it was taken out, compares the
+    same keys), and the hooks themselves are a setting of their own (:data:`_HOOKS_KEY`)."""
     names: set[str] = set()
     for m in scope.modules():
         if type(m) in _PLAIN_CONTAINERS:
             continue
-        if any(_user_hook(h) for n in _HOOK_FNS for h in list((vars(m).get(n) or {}).values())):
-            return frozenset()
         read = attribute_names_read(m)
         if read is None:
             return frozenset()
         names |= read
-    for hooks in (_GLOBAL_HOOKS, _torch_compat.global_forward_pre_hooks):
-        if any(_user_hook(h) for h in list(hooks.values())):
-            return frozenset()
     out: set[str] = set()
     for prefix, m in _scope_modules(scope):
         for store in (m.__dict__.keys() - _MODULE_OWN, m._parameters.keys(), m._buffers.keys()):

@@ -14,6 +14,7 @@ import weakref
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import moe_replay as mr
 from moe_replay.errors import MoEReplayError
@@ -130,8 +131,15 @@ def test_own_keys_leaves_out_only_what_every_module_holds_as_torch_keeps_it() ->
 
 
 @pytest.mark.reliability("silent replays")
+class _ReadsHeld(nn.Linear):
+    """A Linear whose forward reads the integer tensors and the list it holds (an order, sizes, a permutation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (never run: its code is read)
+        return F.linear(x[..., self.order], self.weight) * len(self.sizes) + self.perm.sum()
+
+
 def test_held_indices_still_reads_a_module_s_own_integer_tensors_and_lists() -> None:
-    m = nn.Linear(2, 2)
+    m = _ReadsHeld(2, 2)
     m.order = torch.tensor([1, 0])
     m.sizes = [2, 1]
     m.register_buffer("perm", torch.tensor([0, 1]))
