@@ -1,6 +1,7 @@
 """MoE code of image-fusion research codebases (TC-MoA's task-customized mixture of adapters with one gate matrix per
 fusion task, MoE-Fusion's mixture of local experts routing whole images and dispatching two modalities to two halves
-of its experts), with zero configuration (see ``test_public_routers33``).
+of its experts, Rau's sparsely-gated MoE they copy) and of nanotron's MoE example (a top-1 by ``max``, dropless bins),
+with zero configuration (see ``test_public_routers33``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
@@ -442,3 +443,99 @@ def test_relu_experts_fed_by_a_sparse_dispatcher_replay_as_by_hand() -> None:
     cut are refused alike."""
     session = assert_exact(RauModel(), torch.randn(10, 16, generator=torch.Generator().manual_seed(3)))
     assert session.names == ("moe",), session.names
+
+
+# ----------------------------------------------------------------------- nanotron: a top-1 by max, dropless bins
+# huggingface/nanotron examples/moe/moe.py (``dMoE``, ``LearnedRouter``, ``ParallelDroplessMLP.forward_once``; adapted
+# there from megablocks): the router's bias-free ``layer`` Linear, a float32 softmax, and with one expert per token
+# ``scores.max(dim=-1, keepdim=True)`` (else ``torch.topk`` of the scores), the weights never renormalised, the ids
+# cast with ``.int()``. The dropless MLP sorts the flat ids (megablocks' radix ``ops.sort``, stable), counts them
+# (``ops.histogram``), takes the bins' ends by a cumulative sum, gathers each slot's token, runs each expert on its
+# contiguous bin and scatters the rows back times their weights. The block-sparse kernels (``stk``, CUDA) are run
+# here as one dense matmul per bin, GELU between (megablocks' default activation).
+class NanotronLearnedRouter(_Used):
+    def __init__(self, hidden_size: int, moe_num_experts: int, num_experts_per_tok: int) -> None:
+        super().__init__()
+        self.num_experts_per_tok = num_experts_per_tok
+        self.layer = nn.Linear(hidden_size, moe_num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        router_logits = self.layer(x)
+        scores = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        if self.num_experts_per_tok == 1:
+            expert_weights, expert_indices = scores.max(dim=-1, keepdim=True)
+        else:
+            expert_weights, expert_indices = torch.topk(scores, self.num_experts_per_tok, dim=-1)
+        if self.forced is not None:
+            expert_indices = self.forced.view(-1, self.num_experts_per_tok)
+            expert_weights = scores.gather(-1, expert_indices)
+        self.used = expert_indices
+        return scores, expert_weights, expert_indices.int()
+
+
+class NanotronDroplessMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_experts_per_tok: int) -> None:
+        super().__init__()
+        self.num_experts, self.num_experts_per_tok = num_experts, num_experts_per_tok
+        self.w1 = nn.Parameter(torch.randn(num_experts, intermediate_size, hidden_size) / hidden_size**0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, intermediate_size, hidden_size) / intermediate_size**0.5)
+
+    def forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            bin_ids, indices = torch.sort(top_experts.long(), stable=True)
+            tokens_per_expert = torch.bincount(top_experts.long(), minlength=self.num_experts)
+            bins = torch.cumsum(tokens_per_expert, 0)
+        rows = x[indices // self.num_experts_per_tok]
+        out = torch.zeros_like(rows)
+        start = 0
+        for e, end in enumerate(bins.tolist()):
+            if end > start:
+                out[start:end] = F.gelu(rows[start:end] @ self.w1[e].t()) @ self.w2[e]
+            start = end
+        scattered = torch.zeros_like(x)
+        weighted = out * expert_weights[indices].unsqueeze(-1).to(out.dtype)
+        return scattered.index_add(0, indices // self.num_experts_per_tok, weighted)
+
+    def forward(
+        self, x: torch.Tensor, scores: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor
+    ) -> torch.Tensor:
+        return self.forward_once(x, expert_weights.flatten(), top_experts.flatten())
+
+
+class NanotronDMoE(nn.Module):
+    def __init__(self, num_experts_per_tok: int, hidden_size: int = 16, num_experts: int = 4) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.gate = NanotronLearnedRouter(hidden_size, num_experts, num_experts_per_tok)
+        self.experts = NanotronDroplessMLP(hidden_size, 2 * hidden_size, num_experts, num_experts_per_tok)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, _ = x.size()
+        x = x.view(-1, self.hidden_size)
+        scores, expert_weights, top_experts = self.gate(x)
+        x = self.experts(x, scores, expert_weights, top_experts)
+        return x.reshape(batch_size, sequence_length, -1)
+
+
+class NanotronBlock(nn.Module):
+    def __init__(self, num_experts_per_tok: int) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.norm = nn.LayerNorm(16)
+            self.mlp = NanotronDMoE(num_experts_per_tok)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("k", [1, 2], ids=["max", "topk"])
+def test_nanotron_learned_router_with_dropless_bins_replays_as_by_hand(k: int) -> None:
+    """nanotron's ``LearnedRouter``: a float32 softmax, one expert by ``max(keepdim=True)`` or two by ``topk``,
+    weights not renormalised, ids cast to int32, and a dropless MLP that sorts the flat ids, counts them into bins
+    and runs each expert on its bin. Found with zero configuration; the recorded rows are the experts each token ran,
+    and a replay after the router changes forces them, in output and gradients as by hand."""
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(7))
+    session = assert_exact(NanotronBlock(k), x)
+    assert session.names == ("mlp.gate",), session.names
