@@ -1,7 +1,8 @@
 """MoE code of image-fusion research codebases (TC-MoA's task-customized mixture of adapters with one gate matrix per
 fusion task, MoE-Fusion's mixture of local experts routing whole images and dispatching two modalities to two halves
-of its experts, Rau's sparsely-gated MoE they copy) and of nanotron's MoE example (a top-1 by ``max``, dropless bins),
-with zero configuration (see ``test_public_routers33``).
+of its experts, Rau's sparsely-gated MoE they copy), of nanotron's MoE example (a top-1 by ``max``, dropless bins) and
+of LLaMA2-Accessory's sparse Mixtral (flat expert weights, a loss list on the class), with zero configuration where
+they are found so (see ``test_public_routers33``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
@@ -14,6 +15,8 @@ with a ``MoEReplayError`` that says why, the model left as it was.
 from __future__ import annotations
 
 import inspect
+import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -325,7 +328,9 @@ class MoEFusionLocal(_RauGate):
 
 class MoEFusionEncoder(nn.Module):
     """The encoder's MoE part over one conv stem per modality (upstream's dense convolutions before it left out);
-    the input's channels: visible, infrared, and the logits of the attention map (upstream the detector's)."""
+    the input's channels: visible, infrared, and the logits of the attention map (upstream the detector's). Of the
+    two layers, the foreground one (the background one, its twin on the complementary features, left out: the
+    background features are passed on as they are)."""
 
     def __init__(self, channels: int = 2, size: int = 8) -> None:
         super().__init__()
@@ -335,10 +340,8 @@ class MoEFusionEncoder(nn.Module):
             self.conv_i = nn.Conv2d(1, channels, 3, 1, 1)
             ds = 2 * channels * (size // 4) ** 2
             self.moe_fg = MoEFusionLocal(ds, channels, channels, num_experts=4, hidden_size=2, k=2)
-            self.moe_bg = MoEFusionLocal(ds, channels, channels, num_experts=4, hidden_size=2, k=2)
-            for moe in (self.moe_fg, self.moe_bg):  # (upstream's start at zero and are trained)
-                nn.init.normal_(moe.w_gate)
-                nn.init.normal_(moe.w_noise, std=0.1)
+            nn.init.normal_(self.moe_fg.w_gate)  # (upstream's starts at zero and is trained)
+            nn.init.normal_(self.moe_fg.w_noise, std=0.1)
 
     @staticmethod
     def atten_downsample(
@@ -360,11 +363,10 @@ class MoEFusionEncoder(nn.Module):
         x_i = F.relu(self.conv_i(images[:, 1:2]))
         att = torch.sigmoid(images[:, 2:3])
         xr_fg, xr_bg, xi_fg, xi_bg, xc_fg_ds, xc_bg_ds = self.atten_downsample(x_r, x_i, att)
-        # (the load-balancing losses, returned beside the fusion upstream, are left out of the output: in training
-        # they read the (k+1)-th noisy value, which a replay gives as the best expert left, see below)
+        # (the load-balancing loss, returned beside the fusion upstream, is left out of the output: in training it
+        # reads the (k+1)-th noisy value, which a replay gives as the best expert left)
         xf_fg, _ = self.moe_fg(xc_fg_ds.view(xc_fg_ds.shape[0], -1), xr_fg, xi_fg)
-        xf_bg, _ = self.moe_bg(xc_bg_ds.view(xc_bg_ds.shape[0], -1), xr_bg, xi_bg)
-        return torch.cat((xf_fg, xf_bg), dim=1)
+        return torch.cat((xf_fg, xr_bg + xi_bg), dim=1)
 
 
 def _images() -> torch.Tensor:
@@ -375,11 +377,11 @@ def _images() -> torch.Tensor:
 def test_moe_fusion_local_experts_routing_whole_images_replays_as_by_hand() -> None:
     """MoE-Fusion's mixture of local experts at inference: the gate reads a downsampled, flattened copy of each
     image's two modalities (one route per image), top-k of k + 1; the visible features go to the first half of the
-    experts and the infrared ones to the second, combined in log space; two such layers (foreground, background).
+    experts and the infrared ones to the second, combined in log space (the foreground layer).
     Found with zero configuration; the recorded rows are the experts each image ran, and a replay after the gates
     change (moderately: see the known gap below) forces them, in output and gradients as by hand."""
     session = assert_exact(MoEFusionEncoder(), _images(), change=1.0)
-    assert session.names == ("moe_fg", "moe_bg"), session.names
+    assert session.names == ("moe_fg",), session.names
 
 
 # ----------------------------------------------------------------------- Rau's dispatcher before ReLU experts
@@ -539,3 +541,128 @@ def test_nanotron_learned_router_with_dropless_bins_replays_as_by_hand(k: int) -
     x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(7))
     session = assert_exact(NanotronBlock(k), x)
     assert session.names == ("mlp.gate",), session.names
+
+
+# ----------------------------------------------------------------------- LLaMA2-Accessory: flat experts, loss list
+# Alpha-VLLM/LLaMA2-Accessory accessory/model/LLM/mixtral_sparse.py (``MoE``, ``TransformerBlock._forward_ffn``,
+# ``Transformer.forward``): SPHINX-MoE's sparse Mixtral block. The block owns the bias-free ``gate`` Linear and the
+# experts as three flat ``[E * F, d]`` parameters (``w1`` / ``w3`` / ``w2``, expert e's rows ``e * F`` to
+# ``(e + 1) * F``); a float softmax, ``torch.topk`` of the probabilities, the ids flattened, sorted and counted into
+# bins (megablocks' ``ops.sort`` / ``ops.histogram`` / ``inclusive_cumsum``); in training a load-balancing loss of the
+# probabilities and the counts appended to a CLASS-level list (``MoE.LOAD_BALANCING_LOSSES``, cleared by the model's
+# forward, averaged after it); the top-k values renormalised IN PLACE (``weights /= weights.sum(...)``), then the
+# tokens gathered per bin, a SwiGLU per expert (block-sparse ``stk`` products upstream, one dense product per bin
+# here) and scattered back times their weights.
+class AccessorySparseMoE(_Used):
+    LOAD_BALANCING_LOSSES: ClassVar[list[torch.Tensor]] = []
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.hidden_dim_per_partition = hidden_dim
+        self.w1 = nn.Parameter(torch.empty(self.hidden_dim_per_partition * num_experts, dim))
+        self.w2 = nn.Parameter(torch.empty(self.hidden_dim_per_partition * num_experts, dim))
+        self.w3 = nn.Parameter(torch.empty(self.hidden_dim_per_partition * num_experts, dim))
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.kaiming_uniform_(w.data, a=math.sqrt(5))
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.num_experts_per_tok = num_experts_per_tok
+
+    def _load_balancing_loss(self, expert_scores: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        n_tokens = expert_scores.shape[0]
+        assert not tokens_per_expert.requires_grad
+        scores = expert_scores.mean(dim=0)
+        scale = self.num_experts / (n_tokens * self.num_experts_per_tok)
+        return scale * torch.dot(tokens_per_expert.to(scores), scores)
+
+    def indices_and_bins(
+        self, selected_experts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        selected_experts = selected_experts.int()
+        bin_ids, indices = torch.sort(selected_experts, stable=True)
+        tokens_per_expert = torch.bincount(selected_experts, minlength=self.num_experts)
+        bins = torch.cumsum(tokens_per_expert, 0)
+        return indices, bin_ids, bins, tokens_per_expert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_shape = x.shape
+        x = x.view(-1, input_shape[-1])
+        x_for_score, x_for_ffn = x, x
+        gate_logits = self.gate(x_for_score)
+        all_probs = F.softmax(gate_logits, dim=1, dtype=torch.float)
+        weights, selected_experts = torch.topk(all_probs, self.num_experts_per_tok, dim=-1)
+        if self.forced is not None:
+            selected_experts = self.forced.view(-1, self.num_experts_per_tok)
+            weights = all_probs.gather(-1, selected_experts)
+        self.used = selected_experts
+        selected_experts = selected_experts.flatten()
+        indices, _, bins, tokens_per_expert = self.indices_and_bins(selected_experts)
+        if self.training:
+            AccessorySparseMoE.LOAD_BALANCING_LOSSES.append(self._load_balancing_loss(all_probs, tokens_per_expert))
+        weights /= weights.sum(dim=-1, keepdim=True)
+        weights = weights.flatten().to(x_for_score.dtype)
+        rows = x_for_ffn[indices.long() // self.num_experts_per_tok]
+        out = torch.zeros_like(rows)
+        f, start = self.hidden_dim_per_partition, 0
+        for e, end in enumerate(bins.tolist()):
+            if end > start:
+                w1, w2, w3 = (w[e * f : (e + 1) * f] for w in (self.w1, self.w2, self.w3))
+                h = rows[start:end]
+                out[start:end] = (F.silu(h @ w1.t()) * (h @ w3.t())) @ w2
+            start = end
+        y = torch.zeros_like(x_for_ffn).index_add(
+            0, indices.long() // self.num_experts_per_tok, out * weights[indices.long()].unsqueeze(-1)
+        )
+        return y.view(*input_shape)
+
+
+class AccessoryModel(nn.Module):
+    """A block's feed-forward half (attention left out) and the model's use of the class-level list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.norms = nn.ModuleList([nn.LayerNorm(16)])
+            self.feed_forwards = nn.ModuleList([AccessorySparseMoE(16, 8, 4, 2)])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        AccessorySparseMoE.LOAD_BALANCING_LOSSES.clear()
+        for norm, feed_forward in zip(self.norms, self.feed_forwards, strict=True):
+            h = h + feed_forward(norm(h))
+        if self.training:  # (upstream returns it beside the logits; kept out of the output here)
+            losses = AccessorySparseMoE.LOAD_BALANCING_LOSSES
+            self.load_balancing = float(torch.stack(losses).mean().detach()) if losses else 0.0
+        return h
+
+
+def _accessory_tokens() -> torch.Tensor:
+    return torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(9))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_llama2_accessory_sparse_moe_with_flat_experts_replays_as_by_hand(train: bool) -> None:
+    """LLaMA2-Accessory's sparse Mixtral block: the gate beside flat ``[E * F, d]`` expert weights, a top-k of the
+    float softmax renormalised in place, sorted bins, and in training a loss appended to a class-level list. Named
+    by its gates, the recorded rows are the experts each token ran, and a replay after the gates change forces them,
+    in output and gradients as by hand. (The change is moderate: forced experts whose probabilities both underflow
+    to zero make the in-place renormalisation ``0 / 0``, NaN by hand and in the replay alike.)"""
+    session = assert_exact(
+        AccessoryModel(), _accessory_tokens(), train=train, change=1.0, include="feed_forwards.*.gate"
+    )
+    assert session.names == ("feed_forwards.0.gate",), session.names
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.xfail(
+    strict=True,
+    raises=mr.RouterNotFoundError,
+    reason="a gate beside flat [E * F, d] expert weights (no experts module) is not found with zero configuration",
+)
+def test_llama2_accessory_sparse_moe_with_flat_experts_is_found_with_zero_configuration() -> None:
+    """The same block with no configuration: its gate Linear scores ``num_experts`` experts whose weights are rows
+    of three flat ``[E * F, d]`` parameters of the block (no experts module, no per-expert tensor), beside
+    ``num_experts`` / ``num_experts_per_tok`` attributes; today no router is found."""
+    session = assert_exact(AccessoryModel(), _accessory_tokens(), change=1.0)
+    assert session.names == ("feed_forwards.0.gate",), session.names
