@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import importlib
 import inspect
 import os
@@ -63,6 +64,7 @@ __all__ = [
     "code_settings",
     "flag_buffers",
     "generators",
+    "hook_names_read",
     "hook_written",
     "is_written",
     "named_places",
@@ -945,6 +947,59 @@ def attribute_names_read(module: nn.Module) -> frozenset[str] | None:
             return None
         extra |= more
     return found | extra if extra else found
+
+
+def hook_names_read(hook: Any) -> frozenset[str] | None:
+    """Every name the code of a user's forward hook or pre-hook ``hook`` may read a module's attributes by, as
+    :func:`attribute_names_read` reads a forward's (a function, a bound method of any object, a
+    ``functools.partial`` of either, a callable object's ``__call__``: the functions and methods they reach too); or
+    None where that reading is not complete: no Python code, a name computed, or the module it is handed (its first
+    argument, or one a partial binds) used otherwise than to read or write its attributes by name. A hook that
+    scales a gate's logits by ``router.temperature`` reads ``temperature``: an attribute the router's own code never
+    names is a setting of its decision all the same while such a hook runs on its modules. Read from the code;
+    nothing runs."""
+    bound: list[Any] = []
+    owner: type | None = None
+    fn = hook
+    for _ in range(8):
+        if isinstance(fn, functools.partial):
+            bound.append(fn)
+            fn = fn.func
+        elif isinstance(fn, types.MethodType):
+            owner, fn = type(fn.__self__), fn.__func__
+            break
+        elif isinstance(fn, types.FunctionType):
+            break
+        else:
+            call = inspect.getattr_static(type(fn), "__call__", None)
+            if not isinstance(call, types.FunctionType) or type(fn).__module__ == "builtins":
+                return None
+            owner, fn = type(fn), call
+            break
+    inner = _function(fn)
+    if inner is None:
+        return None
+    found = _names_read(inner, owner)
+    if found is None:
+        return None
+    code = inner.__code__
+    params = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+    if owner is not None:
+        params = params[1:]  # (the object the method is bound to: read by _names_read)
+    handed: set[str] = set()
+    for part in reversed(bound):  # (the innermost partial binds the first positional parameters)
+        handed.update(k for k, v in part.keywords.items() if isinstance(v, nn.Module))
+        handed.update(p for p, v in zip(params, part.args, strict=False) if isinstance(v, nn.Module))
+        params = params[len(part.args) :]
+    if params:
+        handed.add(params[0])  # (the module the hook runs on)
+    codes = [code]
+    while codes:
+        c = codes.pop()
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        if any(_escapes(c, name) for name in handed):
+            return None
+    return found
 
 
 def _class_method(cls: type, fn: types.FunctionType) -> bool:

@@ -57,6 +57,7 @@ from ._code_settings import (
     code_settings,
     comparable,
     flag_buffers,
+    hook_names_read,
     hook_written,
     is_setting,
     is_written,
@@ -420,16 +421,89 @@ def _held_indices(scope: nn.Module, unread: frozenset[str] | None = None) -> tup
 _PLAIN_CONTAINERS = frozenset((nn.ModuleList, nn.ModuleDict, nn.Sequential))
 
 
+class _HookReads:
+    """What the user's hooks ever seen on a router scope's modules (and the global module hooks) may read: the
+    names (see :func:`moe_replay._code_settings.hook_names_read`), whether one could not be read (then every
+    attribute is a setting), and the hooks read (by handle id)."""
+
+    __slots__ = ("complete", "names", "seen")
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.complete = True
+        self.seen: set[int] = set()
+
+
+#: per router scope, what the user's hooks seen on its modules may read (only ever grows, see :func:`_unread`)
+_HOOK_READS: weakref.WeakKeyDictionary[nn.Module, _HookReads] = weakref.WeakKeyDictionary()
+#: per router scope, the last :func:`_unread` and what it was read under (see :func:`_unread_stamp`)
+_UNREAD: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], frozenset[str]]] = weakref.WeakKeyDictionary()
+
+
+def _hook_reads(scope: nn.Module) -> _HookReads:
+    """What the user's hooks on ``scope``'s modules (the scope's own too) and the global module hooks may read, those
+    seen before added: a hook once seen counts for good, so that the same keys are left out whether or not it runs
+    at the time (set aside in the runs that establish a decision, or removed since; the hooks themselves are a
+    setting of their own, :data:`_HOOKS_KEY`)."""
+    reads = _HOOK_READS.get(scope)
+    if reads is None:
+        reads = _HOOK_READS[scope] = _HookReads()
+    tables = [d for m in scope.modules() for n in _HOOK_FNS if (d := vars(m).get(n))]
+    tables += [_GLOBAL_HOOKS, _torch_compat.global_forward_pre_hooks]
+    for table in tables:
+        for key, hook in list(table.items()):
+            if key in reads.seen or not _user_hook(hook):
+                continue
+            reads.seen.add(key)
+            found = hook_names_read(hook)
+            if found is None:
+                reads.complete = False
+            else:
+                reads.names |= found
+    return reads
+
+
+def _unread_stamp(scope: nn.Module) -> tuple[Any, ...]:
+    """What :func:`_unread` of ``scope`` depends on, read cheaply: each module's class, its own attributes' keys
+    and the callables among them (a forward set on it, a function it calls), its hook tables, and the next hook
+    handle id (it moves whenever a hook is registered anywhere)."""
+    out: list[Any] = [_HANDLES.next_id, len(_GLOBAL_HOOKS), len(_torch_compat.global_forward_pre_hooks)]
+    for m in scope.modules():
+        own = m.__dict__
+        out.append(type(m))
+        out.append(getattr(type(m), "forward", None))
+        out.append(tuple(own))
+        out.extend(v for v in own.values() if callable(v) and not isinstance(v, nn.Module | torch.Tensor))
+        out.extend(len(d) for n in _HOOK_FNS if (d := own.get(n)) is not None)
+        out.append(tuple(m._parameters))
+        out.append(tuple(m._buffers))
+    return tuple(out)
+
+
 def _unread(scope: nn.Module) -> frozenset[str]:
     """The keys (as :func:`_fingerprint` names the scope modules' own attributes, parameters and buffers) of what
     the code of the scope and its submodules never reads: an attribute whose name none of that code may read it by
     (see :func:`moe_replay._code_settings.attribute_names_read`), such as a record the code around the router keeps
     on it (the ids a block stores on its gate after the gate returns, for its loss). Its forward cannot depend on
-    it, so it is no setting. Empty where the reading is not complete for one of those modules. The user's hooks on
-    them (and the global module hooks) are not read here: the same keys are left out whether or not a hook runs at
-    the time (a decision established while a hook was in, checked at a boundary after it was taken out, compares the
-    same keys), and the hooks themselves are a setting of their own (:data:`_HOOKS_KEY`)."""
-    names: set[str] = set()
+    it, so it is no setting. The code of the user's hooks on those modules (the scope's own too) and of the global
+    module hooks counts as theirs (:func:`_hook_reads`): a temperature only a hook on the gate reads is a setting.
+    Empty where the reading is not complete for one of those modules or hooks. Kept per scope until what it is read
+    from changes (:func:`_unread_stamp`)."""
+    stamp = _unread_stamp(scope)
+    kept = _UNREAD.get(scope)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    result = _read_unread(scope)
+    _UNREAD[scope] = (stamp, result)
+    return result
+
+
+def _read_unread(scope: nn.Module) -> frozenset[str]:
+    """:func:`_unread`, read afresh."""
+    reads = _hook_reads(scope)
+    if not reads.complete:
+        return frozenset()
+    names: set[str] = set(reads.names)
     for m in scope.modules():
         if type(m) in _PLAIN_CONTAINERS:
             continue

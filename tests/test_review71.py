@@ -1,0 +1,195 @@
+"""A hole of round 54, closed generally: an attribute only a user's hook on a router's modules reads (the router's
+own code never names it) is a setting all the same, so a change of it inside a block is refused, whatever the hook
+is (a function, a pre-hook with keyword arguments, a bound method of another object, a ``functools.partial``)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+from moe_replay._code_settings import hook_names_read
+from tests.test_evidence import D
+
+E = 4
+
+
+class _Remap(nn.Module):
+    """The ids a router hands on, as they are (a hook on it may change them)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids
+
+
+class _Router(nn.Module):
+    """A top-2 router, softmax renormalised, whose ids pass through ``remap``; ``offset`` is never read by its own
+    code (only by a hook of the user's, below)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.remap = _Remap()
+        self.offset = 1
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = self.gate(x).softmax(-1).topk(2, dim=-1)
+        return v / v.sum(-1, keepdim=True), self.remap(i)
+
+
+class _Block(nn.Module):
+    """Runs each token through the experts its router's ids name; ``ran`` keeps, per forward, the experts run and
+    on which tokens (by hooks on the experts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _Router()
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+        self.ran: list[list[tuple[int, tuple[float, ...]]]] = []
+        for e, expert in enumerate(self.experts):
+            expert.register_forward_hook(functools.partial(_note, self.ran, e))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, i = self.router(x)
+        self.ran.append([])
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            m = i == e
+            rows = m.any(-1)
+            if rows.any():
+                out[rows] = out[rows] + expert(x[rows]) * (w * m).sum(-1, keepdim=True)[rows]
+        return out
+
+
+def _note(ran: list[list[tuple[int, tuple[float, ...]]]], e: int, module: nn.Module, args: Any, out: Any) -> None:
+    ran[-1].append((e, tuple(sorted(args[0][:, 0].tolist()))))  # (the expert, and which tokens: their first feature)
+
+
+class _Shifter:
+    """Another object whose bound methods are hooks that shift the ids by the router's ``offset``."""
+
+    def __init__(self, router: _Router) -> None:
+        self.router = router
+
+    def hook(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return (out + self.router.offset) % E
+
+    def pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return ((args[0] + self.router.offset) % E,), kwargs
+
+
+def _shift(module: nn.Module, args: Any, out: torch.Tensor, router: _Router) -> torch.Tensor:
+    return (out + router.offset) % E
+
+
+def _hooked(how: str) -> Callable[[_Router], Any]:
+    """A maker of the user's hook on the router's ``remap`` that reads the router's ``offset``, as ``how`` says."""
+    if how == "function":
+        return lambda r: r.remap.register_forward_hook(lambda m, a, o: (o + r.offset) % E)
+    if how == "bound method":
+        return lambda r: r.remap.register_forward_hook(_Shifter(r).hook)
+    if how == "pre-hook with kwargs":
+        return lambda r: r.remap.register_forward_pre_hook(_Shifter(r).pre, with_kwargs=True)
+    return lambda r: r.remap.register_forward_hook(functools.partial(_shift, router=r))
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = _Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["function", "bound method", "pre-hook with kwargs", "partial"])
+def test_an_attribute_only_a_hook_on_the_router_reads_changed_inside_a_block_is_refused(how: str) -> None:
+    """A hook of the user's on the router's ``remap`` shifts the ids by ``router.offset``, which the router's own code
+    never names; ``offset`` changed between two forwards of one capture block: the first forward's experts are not
+    those a replay under the new offset would run, so it is refused as a change of a setting, naming it."""
+    model = _Model()
+    _hooked(how)(model.block.router)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(5))
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        # (where the hook runs with one offset, the other moves the experts run: the case tries something)
+        assert sorted(model.block.ran[-1]) != sorted(_ran_with(model, x, model.block.router.offset + 1))
+        with pytest.raises(mr.MoEReplayError, match=r"'offset' of router 'block\.router'"):
+            with torch.no_grad(), session.capture():
+                model(x)
+                model.block.router.offset += 1
+                model(x)
+
+
+def _ran_with(model: _Model, x: torch.Tensor, offset: int) -> list[tuple[int, tuple[float, ...]]]:
+    """The experts a free forward of ``model`` (outside every block) runs under ``offset``, on which tokens."""
+    router = model.block.router
+    was = router.offset
+    router.offset = offset
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        router.offset = was
+    return model.block.ran[-1]
+
+
+@pytest.mark.reliability("false refusals")
+def test_the_same_hooks_with_the_offset_kept_replay_the_experts_run() -> None:
+    """The bound-method hook in, ``offset`` kept: two forwards captured and replayed after the gate changes run the
+    same experts on the same tokens as the captured forwards did (the hook's read makes no false refusal)."""
+    model = _Model()
+    _hooked("bound method")(model.block.router)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(5))
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+            model(x * 2)
+        captured = [sorted(r) for r in model.block.ran[-2:]]
+        routes = session.routes()
+        with torch.no_grad():
+            model.block.router.gate.weight.mul_(-3)
+            model(x)
+        assert sorted(model.block.ran[-1]) != captured[0], "the changed gate chooses the same experts: tries nothing"
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+            model(x * 2)
+        assert [sorted(r) for r in model.block.ran[-2:]] == captured
+
+
+def test_hook_names_read_reads_each_kind_of_hook_and_refuses_what_it_cannot_read() -> None:
+    """The names a hook's code may read a module's attributes by: a function's, a bound method's (its object's
+    methods too), a partial's; None where the module it is handed escapes (to code not read) or a name is computed."""
+    r = _Router()
+    shifter = _Shifter(r)
+    assert "offset" in (hook_names_read(shifter.hook) or ())
+    assert "offset" in (hook_names_read(shifter.pre) or ())
+    assert "offset" in (hook_names_read(functools.partial(_shift, router=r)) or ())
+    assert hook_names_read(lambda m, a, o: print(m)) is None
+    assert hook_names_read(lambda m, a, o: getattr(m, "offset")) is None  # noqa: B009
+
+
+def test_a_refused_hooked_capture_leaves_the_model_as_it_was() -> None:
+    """The refusal of the offset changed inside a block leaves the model as it was: the user's hooks alone on it, no
+    hook, parameter or buffer of the library's, every tensor as it was."""
+    model = _Model()
+    _hooked("function")(model.block.router)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(5))
+    hooks = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(mr.MoEReplayError):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(x)
+            model.block.router.offset += 1
+            model(x)
+    assert {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()} == hooks
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
