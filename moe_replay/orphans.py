@@ -96,7 +96,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._axes import DATA, ELEMENTWISE, WEIGHT, Axes
 from ._output_guard import own_hook
-from ._torch_compat import module_call_kwargs
+from ._torch_compat import NO_TORCH_FUNCTION, module_call_kwargs
 from .errors import UnsupportedRouterError
 from .evidence import _FAMILY, _PEAKS, DECISION_FUNCS, NESTING, UNWRAP, _arg, _where, decision_call, unwrap
 from .intercept import EAGER, ORDER_PROBE, ScopedForward
@@ -339,6 +339,32 @@ def _at_zero(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         return True
     other = [a for a in (*args, *kwargs.values()) if not isinstance(a, torch.Tensor)]
     return len(other) == 1 and isinstance(other[0], int | float) and not isinstance(other[0], bool) and other[0] == 0
+
+
+def _slot_pattern(t: torch.Tensor, ints: list[torch.Tensor]) -> bool:
+    """Are the zeros of ``t``, a floating tensor a router returned beside the integer tensors ``ints``, the slots its
+    decision left unfilled, so that a threshold at zero of it is the pattern the decision dispatched by, forced
+    with it (:func:`_at_zero`)? So are nonnegative weights (a softmax's, a top-k's, them scattered into a dense map
+    by the ids), but not raw scores with signs (``logits > 0`` sends a token to every expert whose logit is
+    positive: a choice by score), nor a dense map of more nonzeros per row than the slots of ids beside it (a
+    ReLU of the logits). Read where that can be (a tensor with values, no graph being captured); otherwise taken
+    to be (as before this was read)."""
+    if t.numel() == 0:
+        return True
+    try:
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return True
+        with NO_TORCH_FUNCTION():
+            flat = t.detach()
+            if bool((flat < 0).any()):
+                return False
+            for ids in ints:
+                if ids.dim() == t.dim() and ids.shape[:-1] == t.shape[:-1] and ids.shape[-1] < t.shape[-1]:
+                    if bool(((flat != 0).sum(-1) > ids.shape[-1]).any()):
+                        return False
+    except (RuntimeError, NotImplementedError):  # (a tensor without values: fake, meta)
+        return True
+    return True
 
 
 def _tensors(value: Any, depth: int) -> list[torch.Tensor]:
@@ -660,7 +686,8 @@ class OrphanWatch(TorchFunctionMode):
         #: floating tensors holding an attached router's returned values (its weights or scores), picked, viewed,
         #: cast or scaled since (see :meth:`returned`), by id: the router's path
         self.scored: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
-        #: those of :attr:`scored` whose zeros are no longer the router's (shifted by an addition or a clamp since)
+        #: those of :attr:`scored` whose zeros are not the slots the router left unfilled: shifted by an addition or a
+        #: clamp since, or never (raw scores with signs, see :func:`_slot_pattern`)
         self.shifted: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
         #: masks of a threshold on such values, and indices of an extreme of them, outside every router: what they are
         #: reported as once a later call reads them (see :meth:`_later`)
@@ -959,9 +986,13 @@ class OrphanWatch(TorchFunctionMode):
         name = self.names.get(id(module))
         if name is None or name not in self.scopes or any(_holds_experts(m) for m in module.modules()):
             return
-        for t in _tensors(out, 2):
+        tensors = _tensors(out, 2)
+        ints = [t for t in tensors if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
+        for t in tensors:
             if t.is_floating_point() and t.dim() >= 1:
                 _weak_put(self.scored, t, name)
+                if not _slot_pattern(t, ints):  # (its zeros are not the unfilled slots: a threshold at zero chooses)
+                    _weak_put(self.shifted, t, True)
 
     def _later(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Follow an attached router's returned values (:attr:`scored`) through a call that picks, views, casts or

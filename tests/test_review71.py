@@ -1,6 +1,8 @@
-"""A hole of round 54, closed generally: an attribute only a user's hook on a router's modules reads (the router's
+"""Two holes of round 54, closed generally: an attribute only a user's hook on a router's modules reads (the router's
 own code never names it) is a setting all the same, so a change of it inside a block is refused, whatever the hook
-is (a function, a pre-hook with keyword arguments, a bound method of another object, a ``functools.partial``)."""
+is (a function, a pre-hook with keyword arguments, a bound method of another object, a ``functools.partial``); and a
+threshold at zero of raw logits a router returns (``logits > 0``) is a choice by score, refused, while one of its
+nonnegative weights (the slots its decision filled) still replays."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import nn
 import moe_replay as mr
 from moe_replay._code_settings import hook_names_read
 from tests.test_evidence import D
+from tests.test_public_routers6 import _Used, assert_exact, assert_refused, one_layer
 
 E = 4
 
@@ -174,6 +177,79 @@ def test_hook_names_read_reads_each_kind_of_hook_and_refuses_what_it_cannot_read
     assert "offset" in (hook_names_read(functools.partial(_shift, router=r)) or ())
     assert hook_names_read(lambda m, a, o: print(m)) is None
     assert hook_names_read(lambda m, a, o: getattr(m, "offset")) is None  # noqa: B009
+
+
+class _LogitsGate(_Used):
+    """A top-2 gate, softmax renormalised, that returns its raw logits beside its weights and ids (``relu``: their
+    ReLU, nonnegative, but more of them nonzero than the slots it fills)."""
+
+    def __init__(self, relu: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Linear(D, E, bias=False)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.w(x).relu() if self.relu else self.w(x)
+        p = logits.softmax(-1)
+        v, i = p.topk(2, dim=-1)
+        if self.forced is not None:
+            i = self.forced.view_as(i)
+            v = p.gather(-1, i)
+        return logits, v / v.sum(-1, keepdim=True), i
+
+
+class _LogitsBlock(nn.Module):
+    """Runs each token through its gate's experts, kept as ``how`` says: by ``logits.gather(ids) > 0`` (``gather``),
+    by ``(logits > 0).gather(ids)`` (``dense``: a choice by score, both), or by ``weights > 0`` (``weights``: the slots
+    the decision filled). The gate's ``used`` is the experts run."""
+
+    def __init__(self, how: str, relu: bool = False) -> None:
+        super().__init__()
+        self.gate, self.how = _LogitsGate(relu), how
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, w, i = self.gate(x)
+        if self.how == "gather":
+            keep = logits.gather(-1, i) > 0
+        elif self.how == "dense":
+            keep = (logits > 0).gather(-1, i)
+        else:
+            keep = w > 0
+        self.gate.used = torch.where(keep, i, -1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            m = (i == e) & keep
+            rows = m.any(-1)
+            if rows.any():
+                out[rows] = out[rows] + expert(x[rows]) * (w * m).sum(-1, keepdim=True)[rows]
+        return out
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randn(6, D, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(("how", "relu"), [("gather", False), ("dense", False), ("dense", True)])
+def test_a_threshold_at_zero_of_raw_logits_a_router_returns_is_refused(how: str, relu: bool) -> None:
+    """The block keeps a token's slot only where the gate's raw logit for it is positive (or its ReLU of the logits
+    nonzero): a choice by score the routes cannot carry (it drops slots here), refused with a ``MoEReplayError`` that
+    says so, the model as it was."""
+    model = one_layer(lambda: _LogitsBlock(how, relu))()
+    with torch.no_grad():
+        model(_tokens())
+    gate = next(m for m in model.modules() if isinstance(m, _LogitsGate))
+    assert gate.used is not None and bool((gate.used < 0).any()), "no slot dropped: the case tries nothing"
+    assert_refused(model, _tokens(), "a choice by score was made outside every attached router")
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_threshold_at_zero_of_the_weights_beside_raw_logits_still_replays() -> None:
+    """The same gate, its block keeping the slots by ``weights > 0`` (the slots its decision filled, forced with
+    it): exact, in output and gradients as by hand."""
+    session = assert_exact(one_layer(lambda: _LogitsBlock("weights"))(), _tokens())
+    assert session.names == ("layers.0.gate",), session.names
 
 
 def test_a_refused_hooked_capture_leaves_the_model_as_it_was() -> None:
