@@ -800,7 +800,8 @@ def load_balancing_loss(
             routers' order is not known: see :meth:`RouterScores.row_mask`) or that does not match
             the forwards kept; or (on the CPU) indices that are not experts ``0..E-1`` (a -1 row
             of a token the mask counts) or repeat an expert in a counted row, probs that are
-            negative or above 1 (logits) or not finite, a mask with negative or non-finite weights.
+            negative or above 1 (logits) or not finite, or that sum to 1 over the tokens, not the
+            experts (``scores.softmax(0)``), a mask with negative or non-finite weights.
             On an accelerator, and in compiled code, out-of-range indices stop the kernel that
             counts them instead, and the other values are not checked (no host sync is spent on
             the checks).
@@ -884,6 +885,8 @@ def load_balancing_loss(
             w = w.to(p.device, torch.float32)
         if mask is not None:
             _check_row_weights(w, t, f"router {i}", host=host)
+        if host and t:
+            _check_distributions(p, w, f"router {i}")
         if mask is not None and idx.numel():
             idx = _skip_unrecorded(idx, w)  # (-1 rows of Routes at padding, weight 0: no expert counted there)
         if idx.numel() and idx.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -909,6 +912,30 @@ def load_balancing_loss(
         p_mean = (p.float() * w[:, None]).sum(0) / total
         losses.append(e * (f * p_mean).sum())
     return torch.stack(losses).mean()
+
+
+def _check_distributions(p: torch.Tensor, w: torch.Tensor, what: str) -> None:
+    """Refuse host probabilities made over the tokens, not over the experts: every column sums to 1 and the rows
+    counted (weight above 0) do not, as ``scores.softmax(0)`` of ``[tokens, experts]`` scores gives. Such values lie
+    from 0 to 1, and gave a loss of other values with no error. Rows that sum to other than 1 alone are taken (the
+    sigmoid scores of a top-1 sigmoid router are its probabilities); sums are compared within a few of the dtype's
+    rounding steps (a softmax rounded to bfloat16 sums to 1 only that closely).
+
+    Raises:
+        InvalidArgumentError: the columns, not the rows, sum to 1.
+    """
+    if p.shape[0] < 2:  # (one token: its row is the only column-wise distribution too)
+        return
+    tol = max(1e-3, 2 * torch.finfo(p.dtype).eps)
+    rows, columns = p.detach().float().sum(-1), p.detach().float().sum(0)
+    off = ((rows - 1).abs() > tol) & (w.to(rows.device) > 0)
+    if bool(off.any()) and bool(((columns - 1).abs() <= tol).all()):
+        row = int(off.nonzero()[0, 0])
+        raise InvalidArgumentError(
+            f"{what}: probs sum to 1 over the tokens, not over the experts (every column sums to 1, row {row} to "
+            f"{float(rows[row]):.4g}): a softmax over dimension 0 of [tokens, experts] scores. Take it over the "
+            "experts, the last dimension: scores.softmax(-1)"
+        )
 
 
 def _skip_unrecorded(idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
