@@ -150,9 +150,9 @@ class Adapter:
 
         Raises:
             ArgumentTypeError: ``match`` answered a value of no single truth value (a tensor or an array
-                of several elements), or raised (``module.top_k`` read from a module that has none: it is
-                asked of the modules discovery looks at, of any class), its error chained, as an ``include=``
-                predicate's is.
+                of several elements) or one whose truth value is its length (a str, a list), or raised
+                (``module.top_k`` read from a module that has none: it is asked of the modules discovery looks
+                at, of any class), its error chained, as an ``include=`` predicate's is.
         """
         try:
             answer = self.match(name, module)
@@ -164,6 +164,7 @@ class Adapter:
                 f"{type(module).__name__}); match is asked of the modules discovery looks at, of any class, so it "
                 "must answer True or False for any module (read attributes with getattr(module, 'top_k', None))"
             ) from exc
+        _check_answer(answer, f"Adapter {self.name!r}: match({name!r}, module)")
         try:
             return bool(answer)
         except (RuntimeError, ValueError):  # (torch's and numpy's "ambiguous" truth value of several elements)
@@ -171,6 +172,23 @@ class Adapter:
                 f"Adapter {self.name!r}: match({name!r}, module) returned a {type(answer).__name__} of no single "
                 "truth value; the predicate must return a bool (for a tensor, bool(t.any()) or bool(t.all()))"
             ) from None
+
+
+def _check_answer(answer: object, what: str) -> None:
+    """Refuse a predicate's answer whose truth value is its length, not what it holds: a str (``"False"``), a list
+    (``[False]``), a tuple, a dict or a set is true wherever it is not empty, so such a predicate would take every
+    module it is asked of. Tensors and arrays are read as the one value they hold (several values are refused by
+    their own truth value); ``None`` and a regular-expression match are read as they are.
+
+    Raises:
+        ArgumentTypeError: ``answer`` is such a container, named with ``what``.
+    """
+    if isinstance(answer, str | bytes | Sequence | Mapping | AbstractSet) and not isinstance(answer, torch.Tensor):
+        raise ArgumentTypeError(
+            f"{what} returned {answer!r:.60} ({type(answer).__name__}), whose truth value is whether it is empty, "
+            "not what it says (a non-empty str or list, 'False' or [False], is true): the predicate must return "
+            "True or False"
+        )
 
 
 def _check_predicate(match: Callable[..., Any]) -> None:
@@ -636,7 +654,11 @@ def _compile_matcher(spec: Matcher | None, role: str = "include/exclude") -> Cal
 def _call_predicate(predicate: Callable[[str, nn.Module], Any], role: str, name: str, module: nn.Module) -> bool:
     """``bool(predicate(name, module))``, an error in the predicate (or in the truth of what it returned) named."""
     try:
-        return bool(predicate(name, module))
+        answer = predicate(name, module)
+        _check_answer(answer, f"the {role}= predicate {getattr(predicate, '__name__', repr(predicate))}")
+        return bool(answer)
+    except ArgumentTypeError:
+        raise
     except Exception as exc:  # (the user's code: its error is chained, under ours)
         raise ArgumentTypeError(
             f"the {role}= predicate {getattr(predicate, '__name__', repr(predicate))} raised {type(exc).__name__}: "

@@ -1,12 +1,19 @@
 """Misuse of the public API by a hurried user: probabilities made over the tokens given to the load-balancing
-loss. Each answer is the plain result, or a ``MoEReplayError`` that names what is wrong and what to do."""
+loss, a predicate (Adapter match, include=, exclude=) answering a list or a str. Each answer is the plain result, or
+a ``MoEReplayError`` that names what is wrong and what to do."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import pytest
 import torch
+from torch import nn
 
 import moe_replay as mr
+
+from .conftest import assert_untouched, snapshot
 
 
 @pytest.mark.reliability("silent wrong answers")
@@ -33,3 +40,33 @@ def test_probabilities_made_over_the_tokens_are_refused() -> None:
     assert torch.allclose(
         mr.load_balancing_loss(sig, top1), 4 * (torch.bincount(top1[:, 0], minlength=4) / 6 * sig.mean(0)).sum()
     )
+
+
+#: predicate answers whose truth value is their length: true for every module, whatever they say
+_BY_LENGTH: dict[str, Callable[[str, nn.Module], object]] = {
+    "a one-element list": lambda name, module: [name == "layers.0.mlp.router"],
+    "a str": lambda name, module: str(name == "layers.0.mlp.router"),
+}
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("answer", list(_BY_LENGTH), ids=list(_BY_LENGTH))
+def test_a_predicate_answering_a_container_is_refused_not_read_by_its_length(answer: str) -> None:
+    """An Adapter whose match answered ``[False]`` or ``"False"`` for a router applied to it (a non-empty
+    list or str is true), so ``mr.attach`` gave every router the adapter meant for one; include=/exclude= predicates
+    answering so took every module. Refused at attach, naming the answer; the model is left as it was. A bool, None
+    and a regular-expression match are read as before."""
+    model = mr.models.build("softmax_topk")
+    before = snapshot(model)
+    match = _BY_LENGTH[answer]
+    with pytest.raises(mr.ArgumentTypeError, match=r"match\('layers\.\d\.mlp\.router', module\) returned .*True or"):
+        mr.attach(model, adapters=[mr.Adapter("first-only", match=match, decision="topk")])
+    assert_untouched(model, before)
+    with pytest.raises(mr.ArgumentTypeError, match=r"the include= predicate <lambda> returned .*True or False"):
+        mr.attach(model, include=match)
+    assert_untouched(model, before)
+    # answers of one truth value go on as before: only the first router takes the adapter
+    for ok in (lambda n, m: n == "layers.0.mlp.router", lambda n, m: re.fullmatch(r"layers\.0\.mlp\.router", n)):
+        session = mr.attach(model, adapters=[mr.Adapter("first-only", match=ok, decision="topk")])
+        assert [s.adapter for s in session.sites] == ["first-only", "generic"]
+        session.detach()
