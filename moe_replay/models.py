@@ -132,6 +132,14 @@ class MoEConfig:
             )
         if self.router == "grouped_sigmoid" and not 1 <= self.topk_group <= self.n_group:
             raise InvalidArgumentError(f"topk_group must be in 1..n_group={self.n_group}, got {self.topk_group}")
+        kept = self.topk_group * (self.num_experts // max(self.n_group, 1))
+        if self.router == "grouped_sigmoid" and self.top_k > kept:
+            # (the top-k would take experts of the groups masked out, at score 0, and weigh them by their own scores)
+            raise InvalidArgumentError(
+                f"top_k={self.top_k} is more than the {kept} experts of the topk_group={self.topk_group} groups a "
+                f"token keeps ({self.num_experts // self.n_group} experts in each of n_group={self.n_group}): raise "
+                "topk_group or lower top_k"
+            )
         if self.num_layers < 1:
             raise InvalidArgumentError(f"num_layers must be a positive int, got {self.num_layers}")
         if self.first_dense_layers >= self.num_layers:
@@ -662,7 +670,8 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
 
     Raises:
         InvalidArgumentError: a field of the wrong type or out of range (a count under 1, ``top_k`` over
-            ``num_experts``, no MoE layer left after ``first_dense_layers``, a number not finite, a field the style
+            ``num_experts``, or, for ``grouped_sigmoid``, over the experts of the ``topk_group`` groups a token
+            keeps, no MoE layer left after ``first_dense_layers``, a number not finite, a field the style
             does not read set away from its default: ``n_group`` of ``softmax_topk``, ``top_k=4`` of
             ``top1_argmax``, which chooses one expert), or sizes whose
             parameters would take more than :data:`MAX_PARAMETER_BYTES` (or the machine's memory, where less):

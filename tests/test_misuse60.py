@@ -1,6 +1,7 @@
 """Misuse of the public API by a hurried user: probabilities made over the tokens given to the load-balancing
-loss, a predicate (Adapter match, include=, exclude=) answering a list or a str. Each answer is the plain result, or
-a ``MoEReplayError`` that names what is wrong and what to do."""
+loss, a predicate (Adapter match, include=, exclude=) answering a list or a str, a grouped reference router asked
+for more experts than its kept groups hold. Each answer is the plain result, or a ``MoEReplayError`` that names
+what is wrong and what to do."""
 
 from __future__ import annotations
 
@@ -70,3 +71,14 @@ def test_a_predicate_answering_a_container_is_refused_not_read_by_its_length(ans
         session = mr.attach(model, adapters=[mr.Adapter("first-only", match=ok, decision="topk")])
         assert [s.adapter for s in session.sites] == ["first-only", "generic"]
         session.detach()
+
+
+@pytest.mark.reliability("silent wrong answers")
+def test_a_grouped_router_asked_for_more_experts_than_its_kept_groups_hold_is_refused() -> None:
+    """Once silent: ``build("grouped_sigmoid", topk_group=1, top_k=4)`` (groups of 2 experts) built a router whose
+    top-k took experts of the groups it masks out, at score 0, and weighed them by their own scores: not the
+    group-limited router asked for. Refused from the sizes; the largest top_k the kept groups hold is built."""
+    with pytest.raises(mr.InvalidArgumentError, match=r"top_k=3 is more than the 2 experts of the topk_group=1 groups"):
+        mr.models.build("grouped_sigmoid", n_group=4, topk_group=1, top_k=3, num_layers=1)
+    model = mr.models.build("grouped_sigmoid", n_group=4, topk_group=1, top_k=2, num_layers=1)
+    assert model.config.top_k == 2
