@@ -1586,6 +1586,11 @@ class Routes:
         _path(path, "load()")
         if max_bytes is not None:  # (a NaN limit compares false: it would be no limit, without a word)
             max_bytes = check_count(max_bytes, "load(): max_bytes (a byte count, or None for no limit)")
+        if not os.fspath(path):  # (it would be read as "cannot read routes from : no such file")
+            raise MissingFileError(
+                "cannot read routes from '': the path is empty; give the name of the file the routes were saved to "
+                "(an unset variable or an empty config entry?)"
+            )
         if os.path.isdir(path):
             raise NotAFileError(f"cannot read routes from {path}: it is a directory, not a routes file")
         if not os.path.exists(path):

@@ -1,7 +1,7 @@
 """Misuse of the public API by a hurried user: probabilities made over the tokens given to the load-balancing
 loss, a predicate (Adapter match, include=, exclude=) answering a list or a str, a grouped reference router asked
-for more experts than its kept groups hold. Each answer is the plain result, or a ``MoEReplayError`` that names
-what is wrong and what to do."""
+for more experts than its kept groups hold, routes loaded from an empty path. Each answer is the plain result, or a
+``MoEReplayError`` that names what is wrong and what to do."""
 
 from __future__ import annotations
 
@@ -82,3 +82,12 @@ def test_a_grouped_router_asked_for_more_experts_than_its_kept_groups_hold_is_re
         mr.models.build("grouped_sigmoid", n_group=4, topk_group=1, top_k=3, num_layers=1)
     model = mr.models.build("grouped_sigmoid", n_group=4, topk_group=1, top_k=2, num_layers=1)
     assert model.config.top_k == 2
+
+
+@pytest.mark.reliability("clear errors")
+def test_loading_routes_from_an_empty_path_says_the_path_is_empty() -> None:
+    """``Routes.load("")`` (an unset variable) said "cannot read routes from : no such file", naming no path; saving
+    to one already said the path is empty. Both say so now."""
+    for call in (lambda: mr.Routes.load(""), lambda: mr.Routes([torch.tensor([[0]])], ["g"], 2).save("")):
+        with pytest.raises(mr.MissingFileError, match=r"(from|to) '': the path is empty"):
+            call()
