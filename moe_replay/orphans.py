@@ -248,9 +248,14 @@ _MASK_LOGIC = frozenset(
 )
 
 
+#: Calls of :data:`TOKEN_MASKS` that return where their input is nonzero (a mask cast to numbers picks as the mask)
+_NONZEROS = frozenset((torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.Tensor.argwhere, torch.where))
+
+
 def picking_mask(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The boolean mask a call of :data:`TOKEN_MASKS` picks by (an index of ``__getitem__``, the input of ``nonzero``,
-    the mask of ``masked_select``), or None."""
+    the mask of ``masked_select``), or None. The input of ``nonzero``, ``argwhere`` or ``where`` cast to numbers
+    (``keep.long().nonzero()``) picks by where it is nonzero: that mask."""
     if func is torch.Tensor.__getitem__:
         index = args[1] if len(args) > 1 else None
         held = index if isinstance(index, tuple) else (index,)
@@ -261,7 +266,30 @@ def picking_mask(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> to
         mask = args[0] if len(args) == 1 and not kwargs else None
     else:
         mask = _arg(args, kwargs, 0, "input")
-    return mask if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() >= 1 else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 1:
+        return None
+    if mask.dtype != torch.bool and func in _NONZEROS:  # (the true entries of a mask cast to numbers: its nonzeros)
+        return mask != 0
+    return mask if mask.dtype == torch.bool else None
+
+
+#: Casts and copies whose result carries a threshold's mask on, as its values in another dtype or on another device
+#: (``keep.long()``, ``keep.to(torch.float32)``, ``keep.type(torch.int32)``, ``keep.cpu()``): ranked (an argsort of
+#: the mask as integers) or picked by, they choose the tokens reaching the routers as the mask does
+_MASK_CASTS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in (
+        "long int short char byte float double half bfloat16 bool to type type_as cpu cuda contiguous clone detach"
+    ).split()
+    if hasattr(torch.Tensor, name)
+) | frozenset((torch.clone, torch.detach))
+#: Calls that read a tensor's values on the host (whose use the watch cannot see): a threshold's mask read so, in a
+#: module holding routers, may choose the tokens they see by Python indices (see :attr:`OrphanWatch.host_masks`)
+_HOST_READS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in ("__index__", "__int__", "__float__", "__bool__", "item", "tolist", "numpy", "__array__")
+    if hasattr(torch.Tensor, name)
+)
 
 
 #: Cumulative sums: along a bank's experts, a distribution's CDF, which a comparison turns into a choice (the count of
@@ -680,8 +708,15 @@ class OrphanWatch(TorchFunctionMode):
         #: the indices of every ranking that a module holding an attached router took in its own forward, with its
         #: path, in call order (:meth:`chosen` keeps those of :attr:`choosers`)
         self.choices: list[tuple[str, torch.Tensor]] = []
-        #: the masks made by a threshold on floating scores, and those cut from them (see :meth:`_holder_mask`)
+        #: the masks made by a threshold on floating scores, and those cut or cast from them (see :meth:`_holder_mask`)
         self.thresholds: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+        #: the modules below a module holding an attached router that read a threshold's mask on the host in their own
+        #: forward (``mask.tolist()``, ``mask[i].item()``, ``mask.cpu().numpy()``), by path: that holder and where; one
+        #: whose holder's routers then see fewer tokens, and that took no ranking nor mask pick the record holds, chose
+        #: them by Python values no record can hold: refused (:attr:`host_found`)
+        self.host_masks: dict[str, tuple[str, str]] = {}
+        #: what each such refused choice is reported as (see :meth:`check`)
+        self.host_found: list[str] = []
         self.tokens: int | None = None  # the watched forward's tokens (see seed), where its input tells them
         #: floating tensors holding an attached router's returned values (its weights or scores), picked, viewed,
         #: cast or scaled since (see :meth:`returned`), by id: the router's path
@@ -836,7 +871,12 @@ class OrphanWatch(TorchFunctionMode):
         if func in TOKEN_CHOICES and not torch.compiler.is_compiling():
             ranking = self._holder_ranking(func, args, kwargs)
         masked = None  # the path of a module holding a router that thresholds or picks by a mask (_holder_mask)
-        if (func in TOKEN_MASKS or func in _THRESHOLDS or func in _MASK_LOGIC) and not torch.compiler.is_compiling():
+        if (
+            func in TOKEN_MASKS
+            or func in _THRESHOLDS
+            or func in _MASK_LOGIC
+            or (self.thresholds and (func in _MASK_CASTS or func in _HOST_READS))
+        ) and not torch.compiler.is_compiling():
             masked = self._holder_mask(func, args, kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
         drawn = None  # what a draw from no scores among a bank's width is reported as, unless it picks input rows
@@ -1084,7 +1124,7 @@ class OrphanWatch(TorchFunctionMode):
         dim = _arg(args, kwargs, 2 if is_topk else 1, "dim", -1)
         if (
             isinstance(x, torch.Tensor)
-            and x.is_floating_point()
+            and (x.is_floating_point() or _weak_get(self.thresholds, x) is not None)  # (or a threshold's mask, cast)
             and type(dim) is int
             and x.dim() >= 1
             and -x.dim() <= dim < x.dim()
@@ -1118,10 +1158,15 @@ class OrphanWatch(TorchFunctionMode):
         """The path of the module making this call (of :data:`TOKEN_MASKS` or :data:`_THRESHOLDS`) in its own
         forward, and of the holder of an attached router it is or is a child of, where it thresholds floating scores,
         cuts such a threshold's mask, or picks by a boolean mask; else None (see :meth:`_holder_ranking`)."""
-        if func in _THRESHOLDS:
+        cast = func in _MASK_CASTS or func in _HOST_READS
+        if cast and _weak_get(self.thresholds, args[0] if args else None) is not None:
+            pass  # (a threshold's mask cast, copied or read on the host: followed, or noted, in _mask_use)
+        elif func in _THRESHOLDS:
             x = _arg(args, kwargs, 0, "input")
             if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1):
                 return None
+        elif cast:  # (of anything else: no mask)
+            return None
         elif func in _MASK_LOGIC:  # (of a threshold's mask: its result is one too)
             if not any(isinstance(v, torch.Tensor) and _weak_get(self.thresholds, v) is not None for v in args):
                 return None
@@ -1142,6 +1187,14 @@ class OrphanWatch(TorchFunctionMode):
         module picks by; one made by a threshold notes it in :attr:`ranked` (it may choose the tokens its routers
         see, as a ranking does)."""
         name, holder = where
+        first = args[0] if args else None
+        if func in _HOST_READS and _weak_get(self.thresholds, first) is not None:
+            self.host_masks.setdefault(name, (holder, _where()))
+            return
+        if func in _MASK_CASTS and _weak_get(self.thresholds, first) is not None:
+            if isinstance(out, torch.Tensor):  # (its values in another dtype, or on another device: the mask still)
+                _weak_put(self.thresholds, out, True)
+            return
         if func in _THRESHOLDS or func in _MASK_LOGIC:
             if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
                 _weak_put(self.thresholds, out, True)
@@ -1150,10 +1203,11 @@ class OrphanWatch(TorchFunctionMode):
         if mask is not None:
             self.choices.append((name, mask.detach().clone()))
             self.places.append(None if self.place is None else self.place())
-            if _weak_get(self.thresholds, mask) is not None:
+            source = first if func in _NONZEROS else mask  # (a mask cast to numbers: the one followed)
+            if _weak_get(self.thresholds, source) is not None:
                 self.ranked.setdefault(name, (holder, _where(), False))
-        elif isinstance(out, torch.Tensor) and out.dtype == torch.bool:  # (a row of a threshold's mask: one too)
-            _weak_put(self.thresholds, out, True)
+        elif isinstance(out, torch.Tensor) and (out.dtype == torch.bool or _weak_get(self.thresholds, first)):
+            _weak_put(self.thresholds, out, True)  # (a row of a threshold's mask, or of one cast: one too)
 
     def _holds_router(self, name: str) -> bool:
         """Does the module at ``name`` hold an attached router's scope below it?"""
@@ -1165,13 +1219,20 @@ class OrphanWatch(TorchFunctionMode):
         tokens not told), that module chose, before it, which tokens it sees (:attr:`choosers`). A router that sees
         every token (a ranking of keys for attention, Mixture-of-Depths beside it) is fed no choice of tokens, unless
         the ranking put every token in an order (a sort of the tokens by a score): the router's rows may be in it."""
-        if not self.ranked:
+        if not self.ranked and not self.host_masks:
             return
         name = self.names.get(id(module))
         if name is None or name not in self.scopes:
             return
         rows = _token_count((*args, *module_call_kwargs(3).values()))
         every = rows is not None and self.tokens is not None and rows >= self.tokens
+        for path, (holder, where) in self.host_masks.items():
+            if (not holder or name.startswith(holder + ".")) and path not in self.ranked and not every:
+                self.host_found.append(
+                    f"'{path}' ({type(self.modules[path]).__name__}) read a threshold's mask of its own scores on the "
+                    f"host at {where}, and the attached router '{name}' after it saw fewer tokens than the forward was "
+                    "fed"
+                )
         for path, (holder, _, whole) in self.ranked.items():
             if (not holder or name.startswith(holder + ".")) and path not in self.choosers and (whole or not every):
                 self.choosers.append(path)
@@ -1637,6 +1698,16 @@ class OrphanWatch(TorchFunctionMode):
                 "decision-like calls over an expert width ran outside every attached router, so those routers "
                 f"would be neither recorded nor forced:\n  {detail}\nAttach them too (include= their module, "
                 "or the module that holds their gate), or exclude= them to leave them native on purpose"
+            )
+        if self.host_found:
+            detail = "\n  ".join(dict.fromkeys(self.host_found))
+            raise UnsupportedRouterError(
+                "a module chose which tokens reach its routers by a threshold's mask read on the host (tolist(), "
+                "item(), numpy(): Python values, whose use no record can follow), so a replay could not show that the "
+                f"routers see the tokens their rows were recorded on:\n  {detail}\nPick the tokens by the mask on the "
+                "device (x[mask], mask.nonzero(), torch.where(mask), or a top-k or argsort of the scores), where the "
+                "capture records the choice and a replay checks it, or exclude= the routers inside that module to run "
+                "them natively on purpose"
             )
         if self.later_found:
             detail = "\n  ".join(dict.fromkeys(self.later_found))

@@ -15,6 +15,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,7 +180,9 @@ def test_a_replay_of_fewer_forwards_than_captured_with_strict_false_runs() -> No
 def _pick(scores: torch.Tensor, how: str) -> torch.Tensor:
     """The tokens of one sequence whose score is over 0, told by ``how``: ``torch.where`` of the threshold's mask
     alone, a mask cut by a cap (``keep & (keep.cumsum(0) <= cap)``), ``bool()`` of the scores past ``clamp``, or the
-    ranks of the mask cast to integers (an argsort)."""
+    ranks of the mask cast to another dtype (an argsort of ``keep.long()``, ``.int()``, ``.float()``, ``.to(dtype)``,
+    ``.type(dtype)``, or cast then scaled) or its nonzeros; or, refused, the mask read on the host (``tolist()``,
+    ``item()`` of each entry, ``cpu().numpy()``) and its true entries' places made indices again."""
     keep = scores > 0
     positions = torch.arange(scores.shape[0])
     if how == "where":
@@ -188,7 +191,24 @@ def _pick(scores: torch.Tensor, how: str) -> torch.Tensor:
         return positions[keep & (keep.cumsum(0) <= scores.shape[0])]
     if how == "clamped":
         return positions[scores.clamp(min=0).bool()]
-    return keep.long().argsort(descending=True, stable=True)[: int(keep.sum())].sort().values
+    if how == "tolist":
+        return torch.tensor([j for j, v in enumerate(keep.tolist()) if v], dtype=torch.long)
+    if how == "item":
+        return torch.tensor([j for j in range(keep.shape[0]) if keep[j].item()], dtype=torch.long)
+    if how == "nonzero":
+        return keep.long().nonzero().squeeze(-1)
+    if how == "scaled":  # (the mask cast, then scaled: arithmetic on it, followed no further)
+        return (keep.long() * 2).argsort(descending=True, stable=True)[: int(keep.sum())].sort().values
+    if how == "numpy":
+        return torch.from_numpy(np.flatnonzero(keep.cpu().numpy())).long()
+    cast = {
+        "ranked": keep.long,
+        "int": keep.int,
+        "float": keep.float,
+        "to": lambda: keep.to(torch.int32),
+        "type": lambda: keep.type(torch.int16),
+    }[how]()
+    return cast.argsort(descending=True, stable=True)[: int(keep.sum())].sort().values
 
 
 class _Threshold(nn.Module):
@@ -257,14 +277,74 @@ def test_a_threshold_told_by_where_a_capped_mask_or_bool_of_scores_is_checked(ho
 
 
 @pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["ranked", "int", "float", "to", "type", "nonzero"])
+def test_a_threshold_told_by_ranking_its_mask_cast_to_integers_is_checked(how: str) -> None:
+    """Once silent: the same threshold, its tokens told by an argsort of the mask cast to integers (or floats, by
+    ``to()`` or ``type()``), or by the nonzeros of the mask cast, was followed no further than the cast, so the tokens
+    those indices picked were not recorded. Now the mask is followed through the cast: the choice is recorded and
+    checked."""
+    _threshold_replays(how)
+
+
+@pytest.mark.reliability("silent replays")
 @pytest.mark.xfail(
     strict=True,
-    reason="a threshold's mask cast to integers and ranked (an argsort of keep.long()) is followed no further: the "
-    "tokens it picks by integer indices are not recorded",
+    reason="a threshold's mask is followed through casts, not through arithmetic after them: the ranking of "
+    "keep.long() * 2 is not recorded",
 )
-def test_a_threshold_told_by_ranking_its_mask_cast_to_integers_is_checked() -> None:
-    """The same threshold, its tokens told by an argsort of the mask cast to integers."""
-    _threshold_replays("ranked")
+def test_a_threshold_told_by_ranking_its_mask_cast_then_scaled_is_checked() -> None:
+    """The same threshold, its tokens told by an argsort of the mask cast to integers and scaled."""
+    _threshold_replays("scaled")
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["tolist", "item", "numpy"])
+def test_a_threshold_mask_read_on_the_host_to_choose_tokens_is_refused(how: str) -> None:
+    """Once silent: the threshold's mask read on the host and its true entries made indices again chose the tokens
+    by Python values no record holds. Refused at the capture, naming the module and the fix; the model is left as it
+    was."""
+    model = _Threshold(how).eval()
+    x = torch.randn(2, 8, D, generator=torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        mr.UnsupportedRouterError, match=r"(?s)'' \(_Threshold\) read a threshold's mask.*on the device"
+    ):
+        with mr.attach(model) as session, session.capture(), torch.no_grad():
+            model(x)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+class _LoggedThreshold(_Threshold):
+    """The threshold picking its tokens by ``x[mask]`` on the device, its mask also read on the host for a log."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        keep = self.score(x).squeeze(-1) > 0
+        self.logged = keep.tolist()
+        for i in range(x.shape[0]):
+            if bool(keep[i].any()):
+                out[i, keep[i]] = x[i, keep[i]] + self.block(x[i, keep[i]].unsqueeze(0))[0]
+        return out
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_threshold_mask_read_on_the_host_for_a_log_beside_a_pick_on_the_device_replays() -> None:
+    """A mask read on the host only for a log, its tokens picked on the device by ``x[mask]``: the pick is recorded,
+    so the replay is exact (the recorded experts forced after the block's gate moved), never refused for the log."""
+    model = _LoggedThreshold("where").eval()
+    x = torch.randn(2, 8, D, generator=torch.Generator().manual_seed(1))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x)
+        routes = session.routes()
+        assert routes._token_choices, "the pick by the mask is recorded"
+        recorded = torch.bincount(routes.layer(routes.names[0]).reshape(-1), minlength=E).tolist()
+        with torch.no_grad():
+            model.block.gate.weight.mul_(-1.0)
+        with session.replay(routes), torch.no_grad(), _experts_seen(model.block) as used:
+            model(x)
+        assert used == recorded
 
 
 _STEP = 0
