@@ -3,10 +3,14 @@
 A capture of a model whose module chooses, by a ranking of its own scores, which tokens reach its routers
 (Mixture-of-Depths; see :mod:`moe_replay._token_choices`) keeps the indices of each such ranking on its routes
 (``Routes._token_choices``: ``(module path, indices)`` in call order) and how many of them each forward of the capture
-took (``Routes._choice_forwards``). This module keeps that record meaningful where routes are cut, joined, written to
-a file or sent to another process: the rankings of the forwards kept stay, those of a forward cut through per sequence
-are cut alike where each ranking holds one row per sequence, and anything else drops the record (a replay of such
-routes on such a model is then refused, never run on tokens it cannot show are the recorded ones).
+took (``Routes._choice_forwards``), and where each router stood in its rows as each was taken
+(``Routes._choice_places``: by router name, its rows written then; None where not told). This module keeps that
+record meaningful where routes are cut, joined, renamed, written to a file or sent to another process: the rankings
+of the forwards kept stay, those of a forward cut through per sequence are cut alike where each ranking holds one row
+per sequence, and anything else drops the record (a replay of such routes on such a model is then refused, never run
+on tokens it cannot show are the recorded ones). The places follow the rows: shifted by the rows cut off before them
+or joined before them, renamed with their routers; in a forward cut through per sequence, a place at the forward's
+first or last row is that of the rows kept, and any other is not told.
 """
 
 from __future__ import annotations
@@ -18,16 +22,24 @@ import torch
 
 __all__ = [
     "Choices",
+    "Places",
     "choices_from_ints",
     "choices_to_ints",
     "cut_choices",
+    "cut_record",
     "dtype_code",
     "join_choices",
+    "join_places",
+    "places_from_rows",
+    "places_to_rows",
     "read_choices",
+    "rename_places",
 ]
 
 #: ``(module path, indices)`` of each ranking, in call order
 Choices = tuple[tuple[str, torch.Tensor], ...]
+#: where each router stood in its rows at each ranking, by name (None: not told)
+Places = tuple[dict[str, int] | None, ...]
 #: the dtypes a record holds (a ranking's indices, a boolean mask picked by), by the code files and the wire give them
 _DTYPES = (torch.int64, torch.bool, torch.int32)
 
@@ -71,6 +83,67 @@ def _per_sequence(group: Choices, start: int, end: int, rows: int) -> Choices | 
     return tuple((path, idx[start // per : end // per].clone()) for path, idx in group)
 
 
+def _cut_place(place: dict[str, int] | None, a: int, b: int, s: int, e: int, start: int) -> dict[str, int] | None:
+    """Where the routers stood at a ranking of the forward of rows ``[a, b)`` kept as its rows ``[s, e)``, in routes
+    whose rows start at ``start``: a place at the forward's first row is the first row kept, at its last the last, and
+    one inside a forward cut through is not told (dropped)."""
+    if place is None:
+        return None
+    out = {}
+    for name, row in place.items():
+        if (s, e) == (a, b) and a <= row <= b:
+            out[name] = row - start
+        elif row == a:
+            out[name] = s - start
+        elif row == b:
+            out[name] = e - start
+    return out
+
+
+def cut_record(
+    choices: Choices | None,
+    counts: tuple[int, ...] | None,
+    places: Places | None,
+    call_rows: tuple[tuple[int, int], ...] | None,
+    forward_calls: tuple[int, ...] | None,
+    start: int,
+    end: int,
+) -> tuple[Choices | None, tuple[int, ...] | None, Places | None]:
+    """The record of routes cut to their rows ``[start, end)`` (consecutive): the rankings of each forward whose
+    rows are kept whole, and those of a forward cut between its sequences cut alike, with where the routers stood at
+    each (see :func:`_cut_place`; None where ``places`` is); ``(None, None, None)`` where that cannot be told (the
+    rankings per forward or the forwards' rows not known, a cut inside a sequence, a forward of no rows: nothing
+    shows which rankings its replay takes)."""
+    bounds = _forward_bounds(call_rows, forward_calls)
+    if choices is None or counts is None or bounds is None or len(bounds) != len(counts) or sum(counts) != len(choices):
+        return None, None, None
+    if places is not None and len(places) != len(choices):
+        places = None
+    kept: list[tuple[str, torch.Tensor]] = []
+    kept_places: list[dict[str, int] | None] = []
+    kept_counts: list[int] = []
+    at = 0
+    for (a, b), n in zip(bounds, counts, strict=True):
+        group, at = choices[at : at + n], at + n
+        if a == b:  # (a forward of no rows: whether a replay of these rows runs it is not told)
+            if start <= a < end or (a == b == start == end):
+                return None, None, None
+            continue
+        s, e = max(a, start), min(b, end)
+        if e <= s:
+            continue
+        if (s, e) != (a, b):
+            cut = _per_sequence(group, s - a, e - a, b - a)
+            if cut is None:
+                return None, None, None
+            group = cut
+        kept.extend(group)
+        if places is not None:
+            kept_places.extend(_cut_place(p, a, b, s, e, start) for p in places[at - n : at])
+        kept_counts.append(n)
+    return tuple(kept), tuple(kept_counts), None if places is None else tuple(kept_places)
+
+
 def cut_choices(
     choices: Choices | None,
     counts: tuple[int, ...] | None,
@@ -79,33 +152,54 @@ def cut_choices(
     start: int,
     end: int,
 ) -> tuple[Choices | None, tuple[int, ...] | None]:
-    """The record of routes cut to their rows ``[start, end)`` (consecutive): the rankings of each forward whose
-    rows are kept whole, and those of a forward cut between its sequences cut alike; ``(None, None)`` where that
-    cannot be told (the rankings per forward or the forwards' rows not known, a cut inside a sequence, a forward of
-    no rows: nothing shows which rankings its replay takes)."""
-    bounds = _forward_bounds(call_rows, forward_calls)
-    if choices is None or counts is None or bounds is None or len(bounds) != len(counts) or sum(counts) != len(choices):
-        return None, None
-    kept: list[tuple[str, torch.Tensor]] = []
-    kept_counts: list[int] = []
-    at = 0
-    for (a, b), n in zip(bounds, counts, strict=True):
-        group, at = choices[at : at + n], at + n
-        if a == b:  # (a forward of no rows: whether a replay of these rows runs it is not told)
-            if start <= a < end or (a == b == start == end):
-                return None, None
-            continue
-        s, e = max(a, start), min(b, end)
-        if e <= s:
-            continue
-        if (s, e) != (a, b):
-            cut = _per_sequence(group, s - a, e - a, b - a)
-            if cut is None:
-                return None, None
-            group = cut
-        kept.extend(group)
-        kept_counts.append(n)
-    return tuple(kept), tuple(kept_counts)
+    """The rankings and counts of :func:`cut_record`, without the places."""
+    kept, kept_counts, _ = cut_record(choices, counts, None, call_rows, forward_calls, start, end)
+    return kept, kept_counts
+
+
+def join_places(parts: Sequence[tuple[Choices | None, Places | None, dict[str, int]]]) -> Places | None:
+    """Where the routers stood at each ranking of routes joined one after another, from each part's rankings, places
+    and rows per router: each part's places shifted by the rows of the parts before it (a part's not told: None for
+    each of its rankings); None where no part tells them."""
+    if all(p is None for _, p, _ in parts):
+        return None
+    out: list[dict[str, int] | None] = []
+    before: dict[str, int] = {}
+    for choices, places, rows in parts:
+        n = len(choices or ())
+        if places is None or len(places) != n:
+            out.extend([None] * n)
+        else:
+            out.extend(None if p is None else {k: v + before.get(k, 0) for k, v in p.items()} for p in places)
+        for k, v in rows.items():
+            before[k] = before.get(k, 0) + v
+    return tuple(out)
+
+
+def rename_places(places: Places | None, renamed: dict[str, str]) -> Places | None:
+    """The places under the routers' new names (``renamed``: old name to new); a router not renamed is dropped."""
+    if places is None:
+        return None
+    return tuple(None if p is None else {renamed[k]: v for k, v in p.items() if k in renamed} for p in places)
+
+
+def places_to_rows(places: Places, names: Sequence[str]) -> torch.Tensor:
+    """The places as ``[rankings, routers]`` int64, the routers in the order of ``names``, -1 where not told (a
+    ranking whose place is not told: -1 for every router)."""
+    out = torch.full((len(places), len(names)), -1, dtype=torch.long)
+    for i, p in enumerate(places):
+        for j, name in enumerate(names):
+            if p is not None and name in p:
+                out[i, j] = p[name]
+    return out
+
+
+def places_from_rows(rows: torch.Tensor, names: Sequence[str]) -> Places:
+    """The places read from :func:`places_to_rows`' values (a ranking of -1 for every router: not told)."""
+    return tuple(
+        None if bool((row < 0).all()) else {name: int(v) for name, v in zip(names, row.tolist(), strict=True) if v >= 0}
+        for row in rows
+    )
 
 
 def join_choices(
@@ -120,10 +214,16 @@ def join_choices(
     return choices, counts
 
 
-def choices_to_ints(choices: Choices | None, counts: tuple[int, ...] | None) -> list[int]:
+def choices_to_ints(
+    choices: Choices | None,
+    counts: tuple[int, ...] | None,
+    places: Places | None = None,
+    names: Sequence[str] = (),
+) -> list[int]:
     """The record as ints for the wire: -1 where none, else the count of rankings and, for each, its path (length
     and UTF-8 bytes), its dtype's code (:func:`dtype_code`), its dimensions and shape and its values; then -1 or the
-    count of forwards and each one's rankings."""
+    count of forwards and each one's rankings; then -1 or, for each ranking, the row of each of ``names`` as it was
+    taken (-1: not told; see :func:`places_to_rows`)."""
     if choices is None:
         return [-1]
     out = [len(choices)]
@@ -131,14 +231,19 @@ def choices_to_ints(choices: Choices | None, counts: tuple[int, ...] | None) -> 
         encoded = path.encode()
         out += [len(encoded), *encoded, dtype_code(idx), idx.dim(), *idx.shape, *idx.reshape(-1).long().tolist()]
     out += [-1] if counts is None else [len(counts), *counts]
+    told = places is not None and len(places) == len(choices)
+    out += [-1] if not told else [len(names), *places_to_rows(places or (), names).reshape(-1).tolist()]
     return out
 
 
-def choices_from_ints(known: Sequence[int], at: int) -> tuple[Choices | None, tuple[int, ...] | None, int]:
-    """The record read from the wire at ``at`` (see :func:`choices_to_ints`), and where the next field starts."""
+def choices_from_ints(
+    known: Sequence[int], at: int, names: Sequence[str] = ()
+) -> tuple[Choices | None, tuple[int, ...] | None, Places | None, int]:
+    """The record read from the wire at ``at`` (see :func:`choices_to_ints`), with the places under ``names``, and
+    where the next field starts."""
     n, at = int(known[at]), at + 1
     if n < 0:
-        return None, None, at
+        return None, None, None, at
     choices = []
     for _ in range(n):
         size, at = int(known[at]), at + 1
@@ -158,7 +263,13 @@ def choices_from_ints(known: Sequence[int], at: int) -> tuple[Choices | None, tu
     if m >= 0:
         counts = tuple(int(v) for v in known[at : at + m])
         at += m
-    return tuple(choices), counts, at
+    width, at = int(known[at]), at + 1
+    places = None
+    if width >= 0:
+        values = torch.tensor([int(v) for v in known[at : at + n * width]], dtype=torch.long).reshape(n, width)
+        places = places_from_rows(values, names) if width == len(names) else None
+        at += n * width
+    return tuple(choices), counts, places, at
 
 
 def read_choices(meta: Any, flat: torch.Tensor | None) -> tuple[Choices, tuple[int, ...] | None] | str:

@@ -23,8 +23,9 @@ forced the other's rows. Elsewhere (a compiled forward, a part of the model call
 order. Each ranking is also compared, where the routes know it, with where the routers stood in their rows as the
 capture took it (their device cursors: rows written then), the replay's standing the rows read: parts of the model
 called in another order than at the capture take the same rankings at other rows, whose rows after them would be
-forced on other tokens. A recompute in backward (activation checkpointing) repeats the forward's choice and is not
-counted.
+forced on other tokens; routes that tell neither where the routers stood nor the rankings of each forward (saved
+before the places were kept) are refused at their first ranking. A recompute in backward (activation checkpointing)
+repeats the forward's choice and is not counted.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ class ChoiceLog:
         self.places: list[tuple[tuple[str, ...], torch.Tensor] | None] = []
         #: where the routers stood at each ranking of the open replay's routes (None: not told; not compared)
         self.expected_places: tuple[dict[str, int] | None, ...] | None = None
+        #: whether the open replay's routes tell neither where the routers stood at their rankings nor how many each
+        #: forward took (routes saved before the places were kept): a ranking of it cannot be shown to be taken at the
+        #: capture's rows, and is refused
+        self.unplaced = False
 
     def start_replay(
         self,
@@ -100,6 +105,7 @@ class ChoiceLog:
             places if expected is not None and places is not None and len(places) == len(expected) else None
         )
         self.per_forward = per_forward if told else None
+        self.unplaced = bool(expected) and self.expected_places is None and self.per_forward is None
         #: where each forward's rankings start among ``expected`` (by ``per_forward``)
         self.starts = list(itertools.accumulate(per_forward or (), initial=0)) if told else []
         self.forward, self.open, self.taken = -1, False, 0
@@ -109,7 +115,7 @@ class ChoiceLog:
         unmet = 0 if self.expected is None else max(len(self.expected) - self.at, 0)
         self.expected, self.at, self.replaying = None, 0, False
         self.per_forward, self.forward, self.open, self.taken = None, -1, False, 0
-        self.expected_places = None
+        self.expected_places, self.unplaced = None, False
         return unmet
 
     def finish(self) -> None:
@@ -208,6 +214,14 @@ class ChoiceLog:
                         f"than at the capture, so the recorded rows would be forced on other tokens. {_FIX}"
                     )
                 self.taken += 1
+            if self.unplaced:
+                raise TokenMismatchError(
+                    f"{self._what(path)}, and these routes tell neither where the routers stood in their rows at "
+                    "each of its choices nor how many of them each forward of the capture took (routes saved by an "
+                    "earlier version of moe_replay, which kept no places), so this replay cannot show that its calls "
+                    "run in the order of the capture's and read its rows on the tokens they were recorded on. Capture "
+                    f"the routes again with this version and replay those (saved, joined or sent as they are). {_FIX}"
+                )
             self._compare_place(path, None if snap is None else snap[1])
             self._compare(path, indices.detach())
 

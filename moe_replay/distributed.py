@@ -188,7 +188,8 @@ def _known(routes: Routes) -> list[int]:
     joined into them (``Routes._joined``); then why token ids were lost (length and
     UTF-8 bytes, 0: none), the mask of the tokens its first forward's routers saw where the model took the padding
     out (``Routes._prompt_kept``: -1 where none, else its two sizes and values), the rankings by which a module chose
-    the tokens reaching its routers (``Routes._token_choices`` and ``Routes._choice_forwards``: see
+    the tokens reaching its routers (``Routes._token_choices``, ``Routes._choice_forwards`` and
+    ``Routes._choice_places``: see
     :func:`~moe_replay._choice_record.choices_to_ints`), and each router's own token ids
     (``Routes._router_ids``: -1 where none, else each router's count of rows and its ids), followed where they are
     kept by each router's own calls (``Routes._router_calls``: -1 where none, else for each router -1 where not known,
@@ -220,7 +221,7 @@ def _known(routes: Routes) -> list[int]:
     out += [len(lost), *lost]
     kept = routes._prompt_kept  # (a first forward's mask of the tokens its routers saw: its shape, then its values)
     out += [-1] if kept is None else [*kept.shape, *kept.reshape(-1).long().tolist()]
-    out += choices_to_ints(routes._token_choices, routes._choice_forwards)
+    out += choices_to_ints(routes._token_choices, routes._choice_forwards, routes._choice_places, routes.names)
     if routes._router_ids is None:
         return [*out, -1]
     for ids in routes._router_ids:
@@ -281,7 +282,8 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
     else:
         at += 1
     # (which tokens the modules that choose them let reach their routers, and how many rankings each forward took)
-    routes._token_choices, routes._choice_forwards, at = choices_from_ints(known, at)
+    record = choices_from_ints(known, at, routes.names)
+    routes._token_choices, routes._choice_forwards, routes._choice_places, at = record
     if int(known[at]) >= 0:  # (each router's own token ids)
         per = []
         for _ in routes.names:

@@ -39,7 +39,18 @@ from ._checks import (
     is_collection,
     router_names,
 )
-from ._choice_record import Choices, cut_choices, dtype_code, join_choices, read_choices
+from ._choice_record import (
+    Choices,
+    Places,
+    cut_record,
+    dtype_code,
+    join_choices,
+    join_places,
+    places_from_rows,
+    places_to_rows,
+    read_choices,
+    rename_places,
+)
 from .errors import (
     ArgumentTypeError,
     InvalidArgumentError,
@@ -455,9 +466,9 @@ class Routes:
     _lineage: torch.Tensor | None = None
     #: (see _trusted; a class default for routes pickled before it was kept)
     _choice_forwards: tuple[int, ...] | None = None
-    #: where each router stood in its rows at each of ``_token_choices`` (by name; None: not told), in memory only:
-    #: routes cut, joined, renamed, written to a file or sent drop it (see _trusted; a class default as above)
-    _choice_places: tuple[dict[str, int] | None, ...] | None = None
+    #: where each router stood in its rows at each of ``_token_choices`` (by name; None: not told): it travels with
+    #: the record (see _trusted and ``moe_replay._choice_record``; a class default as above)
+    _choice_places: Places | None = None
 
     def __init__(
         self,
@@ -531,7 +542,7 @@ class Routes:
         self._rows_untold: str | None = None
         self._token_choices: Choices | None = None
         self._choice_forwards = None
-        self._choice_places: tuple[dict[str, int] | None, ...] | None = None
+        self._choice_places: Places | None = None
         self._joined = 0
         self._recorded_names: tuple[str, ...] | None = None
         self._router_ids: tuple[torch.Tensor, ...] | None = None
@@ -813,6 +824,7 @@ class Routes:
         self._routers_order = source._routers_order
         self._rows_untold = source._rows_untold
         self._token_choices, self._choice_forwards = source._token_choices, source._choice_forwards
+        self._choice_places = source._choice_places
         self._joined = source._joined
         self._recorded_names = source._recorded_names
         self._ids_lost = source._ids_lost
@@ -936,10 +948,12 @@ class Routes:
             if out.tokens_per_layer == self.tokens_per_layer:  # (every row, routes[:]: no rows chosen, the mark stays)
                 out._rows_untold = self._rows_untold
                 out._token_choices, out._choice_forwards = self._token_choices, self._choice_forwards
+                out._choice_places = self._choice_places
             else:  # (the rankings of the forwards kept, those of a forward cut between sequences cut alike)
-                out._token_choices, out._choice_forwards = cut_choices(
+                out._token_choices, out._choice_forwards, out._choice_places = cut_record(
                     self._token_choices,
                     self._choice_forwards,
+                    self._choice_places,
                     self._call_rows,
                     self._forward_calls,
                     start,
@@ -1087,6 +1101,7 @@ class Routes:
             raise RoutesValidationError(f"rename({dict(prefixes)!r}) gives two routers the same name: {twice[:4]}")
         out = Routes._trusted(self._data, names, self._experts, self._validated)
         out._same_forwards(self)
+        out._choice_places = rename_places(self._choice_places, dict(zip(self._names, names, strict=True)))
         out._token_ids = self._token_ids
         out._router_ids = self._router_ids
         if self._recorded_names is not None:  # (the model they were recorded on, under the names given)
@@ -1135,6 +1150,13 @@ class Routes:
             out._token_choices, out._choice_forwards = join_choices(
                 [(p._token_choices, p._choice_forwards) for p in parts]
             )
+            if out._token_choices is not None:  # (where the routers stood: after the rows of the parts before)
+                out._choice_places = join_places(
+                    [
+                        (p._token_choices, p._choice_places, dict(zip(p.names, p.tokens_per_layer, strict=True)))
+                        for p in parts
+                    ]
+                )
         # (routes of rows joined: consecutive slices of one capture's rows, joined again, are one part of them)
         pieces = _rejoined([p for p in parts if p._data and p._data[0].shape[0]])
         out._joined = len(pieces) if len(pieces) > 1 else max((p._joined for p in parts), default=0)
@@ -1305,7 +1327,9 @@ class Routes:
         #: how many of ``_token_choices`` each forward of the capture took, in order (None: not known; the record is
         #: then kept whole only): a slice of whole forwards keeps theirs (see ``moe_replay._choice_record``)
         obj._choice_forwards = None
-        #: set by Session.routes(): where each router stood in its rows at each of ``_token_choices``, in memory only
+        #: set by Session.routes(): where each router stood in its rows at each of ``_token_choices``, by name (None
+        #: for a ranking not told), kept as the record is; a file or the wire holds it as one row of each router's
+        #: place per ranking (see ``moe_replay._choice_record``); None: not told (routes saved before it was kept)
         obj._choice_places = None
         #: set by Routes.cat: how many routes of rows it joined (0 where none did; kept by the methods that keep every
         #: row in place). Joined routes may be several sequences' (a batch's, as an engine call returns them), which
@@ -1559,6 +1583,11 @@ class Routes:
             }
             flat = [idx.reshape(-1).to(torch.long) for _, idx in self._token_choices]
             arrays["token_choices"] = (torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)).numpy()
+            places = self._choice_places
+            if places is not None and len(places) == len(self._token_choices):
+                # (where the routers stood at each ranking: an array, so a reader that does not know it refuses the
+                # file rather than compare the rankings without it)
+                arrays["token_choice_places"] = places_to_rows(places, self._names).numpy()
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         _write_whole(os.fspath(path), lambda f: np.savez_compressed(f, **arrays))
 
@@ -1676,6 +1705,7 @@ class Routes:
                 if isinstance(record, str):
                     raise _corrupted(path, record)
                 routes._token_choices, routes._choice_forwards = record
+            _read_choice_places(routes, extra.get("token_choice_places"), path)
         except RoutesValidationError as e:  # (named once: a field's own check may have named the file already)
             raise RoutesValidationError(str(e) if os.fspath(path) in str(e) else f"{path}: {e}") from e
         except (ArgumentTypeError, TypeError, ValueError, OverflowError) as e:  # fields of the wrong kind
@@ -1884,6 +1914,7 @@ def _read_members(
         "token_lineage.npy",
         "call_runs.npy",
         "token_choices.npy",
+        "token_choice_places.npy",
     ]
     extra = sorted(set(infos) - set(wanted) - set(optional))
     if extra:
@@ -1947,6 +1978,14 @@ def _read_members(
         shape, dtype = _header(zf, infos["token_choices.npy"], path)
         if len(shape) != 1 or dtype.kind != "i":
             raise _corrupted(path, f"its record of chosen tokens is a {dtype} array of shape {shape}, not one list")
+    if "token_choice_places.npy" in infos:
+        shape, dtype = _header(zf, infos["token_choice_places.npy"], path)
+        if len(shape) != 2 or shape[1] != len(names) or dtype.kind != "i":
+            raise _corrupted(
+                path,
+                f"its routers' rows at each chosen token set are a {dtype} array of shape {shape}, not one row "
+                f"of {len(names)} ints per ranking",
+            )
     layers = []
     held = [n for n in optional if n in infos]
     for n in wanted[1:] + held:
@@ -1973,10 +2012,31 @@ def _read_members(
                 "token_lineage.npy",
                 "call_runs.npy",
                 "token_choices.npy",
+                "token_choice_places.npy",
             )
             if n in found
         },
     )
+
+
+def _read_choice_places(routes: Routes, rows: torch.Tensor | None, path: str | os.PathLike[str]) -> None:
+    """Where the routers stood in their rows at each ranking of the record, read from a file into ``routes`` (see
+    ``load``; a file without it, written before it was kept, tells none: the rankings are compared without it)."""
+    if rows is None:
+        return
+    choices = routes._token_choices
+    if choices is None:
+        raise _corrupted(path, "it holds the routers' rows at chosen token sets, and no record of those choices")
+    if rows.shape != (len(choices), routes.num_layers):
+        raise _corrupted(
+            path,
+            f"its routers' rows at each chosen token set are of shape {tuple(rows.shape)}, not one row of "
+            f"{routes.num_layers} per each of its {len(choices)} rankings",
+        )
+    held = torch.tensor(routes.tokens_per_layer, dtype=torch.long)
+    if bool((rows < -1).any()) or bool((rows > held).any()):
+        raise _corrupted(path, "its routers' rows at a chosen token set lie outside the rows those routers hold")
+    routes._choice_places = places_from_rows(rows.to(torch.long), routes.names)
 
 
 def _read_router_ids(routes: Routes, extra: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:

@@ -14,13 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 import moe_replay as mr
+from moe_replay._choice_record import cut_record
 from tests.conftest import perturb_routers
 from tests.test_checkpointing import _tiny_hf
 from tests.test_mod52 import _x as _mod_x
+from tests.test_mod53 import _wire
+from tests.test_public_routers32 import MoDStack
 from tests.test_review66 import _EveryOtherForward
 
 
@@ -77,7 +81,6 @@ def test_a_choice_first_made_in_layers_called_alone_is_checked_where_the_routes_
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(strict=True, reason="where the routers stood at each ranking is kept in memory only")
 def test_saved_routes_of_layers_called_alone_replayed_in_another_order_are_refused(tmp_path: Path) -> None:
     """The routes above, saved and loaded (or cut, joined, renamed, sent): the rankings travel, where the routers
     stood in their rows at each does not, so the rankings are compared in call order and the calls replayed in the
@@ -93,6 +96,145 @@ def test_saved_routes_of_layers_called_alone_replayed_in_another_order_are_refus
         with pytest.raises(mr.TokenMismatchError), session.replay(routes), torch.no_grad():
             _step(model, x, "A")
             _step(model, x, "m")
+
+
+def _transformed(routes: mr.Routes, how: str, tmp_path: Path) -> mr.Routes:
+    """``routes`` saved and loaded, sent over the wire, joined alone, sliced whole, renamed and back, or selected."""
+    if how == "save, load":
+        routes.save(tmp_path / "r.npz")
+        return mr.Routes.load(tmp_path / "r.npz")
+    if how == "the wire":
+        return _wire(routes)
+    if how == "cat":
+        return mr.Routes.cat([routes])
+    if how == "every row":
+        return routes[:]
+    if how == "renamed and back":
+        return routes.rename({"stack.": "s."}).rename({"s.": "stack."})
+    return routes.select(routes.names)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", ["save, load", "the wire", "cat", "every row", "renamed and back", "select"])
+def test_where_the_routers_stood_at_each_choice_travels_with_the_routes(how: str, tmp_path: Path) -> None:
+    """Once silent: where the routers stood in their rows at each ranking was kept in memory only, so routes saved,
+    sent, joined, sliced, renamed or selected compared their rankings in call order, and the layers called alone
+    replayed in another order were forced the full forward's rows. Now it travels with the rankings: the calls in the
+    captured order replay exactly, in the other order they are refused by where the routers stood."""
+    model = _EveryOtherForward().eval()
+    x = _mod_x()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            _step(model, x, "m")
+            _step(model, x, "A")
+        captured = session.routes()
+        routes = _transformed(captured, how, tmp_path)
+        assert routes._choice_places == captured._choice_places
+        with pytest.raises(mr.TokenMismatchError, match=r"choice 1 of this replay was taken where router"):
+            with session.replay(routes), torch.no_grad():
+                _step(model, x, "A")
+                _step(model, x, "m")
+        perturb_routers(session, scale=3.0)
+        with session.replay(routes), session.capture(), torch.no_grad():
+            _step(model, x, "m")
+            _step(model, x, "A")
+        assert session.routes().equal(captured)
+
+
+def _without_places(routes: mr.Routes, tmp_path: Path, name: str) -> tuple[dict[str, Any], Any]:
+    """``routes`` saved, then written again as a file of the same format without the routers' rows at each ranking
+    (as written before they were kept) at ``name``: its arrays, and the rows taken out."""
+    routes.save(tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    places = arrays.pop("token_choice_places")
+    np.savez_compressed(tmp_path / name, **arrays)
+    return arrays, places
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_file_saved_before_the_places_were_kept_is_exact_or_refused(tmp_path: Path) -> None:
+    """A routes file without the routers' rows at each ranking (written before they were kept) loads. Where its
+    rankings were all taken in forwards of the model, they are compared forward by forward, as then: the captured
+    forwards replay. Where they were taken in layers called alone, no order of the calls can be shown: refused, even
+    in the captured order. A file whose rows do not fit its rankings and routers, or lie past the rows the routers
+    hold, is refused as corrupted."""
+    model = _EveryOtherForward().eval()
+    x = _mod_x()
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            _step(model, x, "m")
+            _step(model, x, "A")
+        arrays, places = _without_places(session.routes(), tmp_path, "old.npz")
+        old = mr.Routes.load(tmp_path / "old.npz")
+        assert old._token_choices is not None and old._choice_places is None and old._choice_forwards is None
+        with pytest.raises(mr.TokenMismatchError, match="tell neither where the routers stood"):
+            with session.replay(old), torch.no_grad():
+                _step(model, x, "m")
+                _step(model, x, "A")
+        for bad in (places[:1], places + 100, places[:, :1]):
+            np.savez_compressed(tmp_path / "bad.npz", **arrays, token_choice_places=bad)
+            with pytest.raises(mr.RoutesValidationError, match="chosen token set"):
+                mr.Routes.load(tmp_path / "bad.npz")
+    stack = MoDStack()
+    y = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    with mr.attach(stack) as session:
+        with session.capture(), torch.no_grad():
+            stack(y)
+            stack(y[:1])
+        captured = session.routes()
+        _without_places(captured, tmp_path, "counted.npz")
+        counted = mr.Routes.load(tmp_path / "counted.npz")
+        assert counted._choice_places is None and counted._choice_forwards is not None
+        with session.replay(counted), session.capture(), torch.no_grad():
+            stack(y)
+            stack(y[:1])
+        assert session.routes().equal(captured)
+
+
+@pytest.mark.reliability("silent replays")
+def test_slices_of_whole_forwards_and_their_joins_shift_where_the_routers_stood() -> None:
+    """Two forwards of a Mixture-of-Depths stack (each choosing its tokens): a slice of the second forward's rows
+    holds its rankings at rows counted from the slice's start, so it replays that forward alone; the slices joined
+    in either order replay their forwards in that order (the places of the second part past the first's rows)."""
+    model = MoDStack()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            model(x[:1])
+        tail_rows = session.routes().num_tokens  # (the rows of the second forward alone)
+        with session.capture(), torch.no_grad():
+            model(x)
+            model(x[:1])
+        routes = session.routes()
+        per = routes._choice_forwards
+        assert per is not None and routes._choice_places is not None
+        whole = routes.num_tokens - tail_rows
+        head, tail = routes[:whole], routes[whole:]
+        assert head._choice_places == routes._choice_places[: per[0]]
+        shifted = tuple({k: v - whole for k, v in p.items()} for p in routes._choice_places[per[0] :] if p is not None)
+        assert tail._choice_places == shifted and len(shifted) == per[1]
+        for parts, inputs in (((tail,), (x[:1],)), ((head, tail), (x, x[:1])), ((tail, head), (x[:1], x))):
+            joined = mr.Routes.cat(list(parts))
+            with session.replay(joined), session.capture(), torch.no_grad():
+                for one in inputs:
+                    model(one)
+            assert session.routes().equal(joined)
+        with pytest.raises(mr.TokenMismatchError):  # (the tail's rows first, on the head's input)
+            with session.replay(mr.Routes.cat([tail, head])), torch.no_grad():
+                model(x)
+                model(x[:1])
+
+
+def test_a_cut_between_sequences_keeps_the_places_at_the_forwards_edges_only() -> None:
+    """A forward of rows [0, 6) of two sequences, cut to its second sequence: a router that stood at the forward's
+    first row stands at the kept rows' first, one at its last row at their last, one inside it is not told."""
+    idx = torch.tensor([[4, 1, 2], [0, 5, 3]])
+    places = ({"a": 0, "b": 0}, {"a": 6, "b": 3})
+    kept, counts, kept_places = cut_record((("mod", idx), ("mod", idx)), (2,), places, ((6, 1),), (1,), 3, 6)
+    assert kept is not None and counts == (2,)
+    assert kept_places == ({"a": 0, "b": 0}, {"a": 3})
+    assert cut_record((("mod", idx),), (1,), places[:1], ((6, 1),), (1,), 0, 6)[2] == places[:1]
 
 
 def _layers_loop(model: Any, ids: torch.Tensor, layers: slice, head: bool) -> list[torch.Tensor]:

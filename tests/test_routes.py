@@ -1734,11 +1734,16 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
             table[what][3].update(_token_choices=None, _choice_forwards=None)
     if "r[:4]" in table:  # (its first forward, whole: that forward's ranking)
         table["r[:4]"][3].update(_token_choices=base._token_choices[:1], _choice_forwards=(1,))
-    # (where the routers stood in their rows at each ranking: kept in memory by copies of the very routes only;
-    # anything else compares the rankings without it, as routes made before it was kept)
+    # (where the routers stood in their rows at each ranking: it goes with the rankings, under the routers' names;
+    # a slice keeps those of its forwards, shifted by the rows cut off before them, and cat shifts them back)
     for what in table:
-        if what not in ("pickle", "deepcopy"):
+        if "_token_choices" in table[what][3] and table[what][3]["_token_choices"] is None:
             table[what][3].update(_choice_places=None)
+    if "r[:4]" in table:  # (its first forward, whole, from the first row: that ranking's places as they were)
+        table["r[:4]"][3].update(_choice_places=base._choice_places[:1])
+    table["rename"][3].update(
+        _choice_places=tuple({"module." + k: v for k, v in p.items()} for p in base._choice_places)
+    )
     for what, (made, rows, routers, changed) in table.items():
         made = made() if callable(made) else made
         want = _expected(base, rows, routers, **changed)
