@@ -1,31 +1,31 @@
 """Which tokens reach the routers: a choice made by values outside them, recorded at capture and checked at replay.
 
-Routes are rows in the order a router sees its tokens. A module that holds routers may choose, by a ranking of
-scores it computes (Mixture-of-Depths' top-k over each sequence, a sort of the tokens by a score), which of the
-forward's tokens its routers see and in which order. The rows recorded for those routers are then those tokens' only;
-where the choice comes out otherwise at replay (the module's weights moved, as they do between an RL rollout and its
-training step), the recorded rows would be forced on other tokens with every count still matching. So the watched
-forward (:class:`~moe_replay.orphans.OrphanWatch`) finds such modules (:attr:`~moe_replay.orphans.OrphanWatch.
-choosers`: a ranking of floating scores along the input's tokens in the module's own forward, before a router in the
-nearest module holding routers around it runs on fewer tokens, or on all of them in the order of a ranking of every
-token; or a boolean mask made by a threshold on such scores that it picks tokens by, ``x[mask]`` or
-``mask.nonzero()``), and from then on each of their forwards is tapped: a capture records the indices of every ranking
-the module takes in its own forward, and every boolean mask it picks by (a mask given as input too: the same at
-replay), in call order, and the routes read from it keep them with how many each forward of the model took; a
-replay compares each with the recorded one and refuses, with :class:`~moe_replay.TokenMismatchError`, a choice that
-differs, routes that hold no record of it, or a replay that consumed every row yet never made a choice the capture
-recorded (the module's forward took a path that chooses none). Where the routes know the rankings of each forward and
-the replay's forwards are counted (eager ones of the model itself), a forward's rankings are compared with those of
-the capture's forward of the same number, and a forward that takes fewer or more than that one is refused as it ends
-or as it takes one too many: a choice made in another forward at replay than at the capture (the routers of one
-forward seeing every token, those of the next a chosen few) would otherwise match in call order while each forward is
-forced the other's rows. Elsewhere (a compiled forward, a part of the model called alone) they are compared in call
-order. Each ranking is also compared, where the routes know it, with where the routers stood in their rows as the
-capture took it (their device cursors: rows written then), the replay's standing the rows read: parts of the model
-called in another order than at the capture take the same rankings at other rows, whose rows after them would be
-forced on other tokens; routes that tell neither where the routers stood nor the rankings of each forward (saved
-before the places were kept) are refused at their first ranking. A recompute in backward (activation checkpointing)
-repeats the forward's choice and is not counted.
+Routes are rows in the order a router sees its tokens. A module that holds routers may choose, by a ranking of scores it
+computes (Mixture-of-Depths' top-k over each sequence, a sort of the tokens by a score), which of the forward's tokens
+its routers see and in which order. The rows recorded for those routers are then those tokens' only; where the choice
+comes out otherwise at replay (the module's weights moved, as they do between an RL rollout and its training step), the
+recorded rows would be forced on other tokens with every count still matching. So the watched forward
+(:class:`~moe_replay.orphans.OrphanWatch`) finds such modules (:attr:`~moe_replay.orphans.OrphanWatch.choosers`: a
+ranking of floating scores along the input's tokens in the module's own forward, before a router in the nearest module
+holding routers around it runs on fewer tokens, or on all of them in the order of a ranking of every token; or a boolean
+mask made by a threshold on such scores that it picks tokens by, ``x[mask]`` or ``mask.nonzero()``, or ranks or picks by
+once cast to numbers, ``keep.long().argsort()``; a mask read on the host instead, ``keep.tolist()``, is refused there),
+and from then on each of their forwards is tapped: a capture records the indices of every ranking the module takes in
+its own forward, and every boolean mask it picks by (a mask given as input too: the same at replay), in call order, and
+the routes read from it keep them with how many each forward of the model took; a replay compares each with the recorded
+one and refuses, with :class:`~moe_replay.TokenMismatchError`, a choice that differs, routes that hold no record of it,
+or a replay that consumed every row yet never made a choice the capture recorded (the module's forward took a path that
+chooses none). Where the routes know the rankings of each forward and the replay's forwards are counted (eager ones of
+the model itself), a forward's rankings are compared with those of the capture's forward of the same number, and a
+forward that takes fewer or more than that one is refused as it ends or as it takes one too many: a choice made in
+another forward at replay than at the capture (the routers of one forward seeing every token, those of the next a chosen
+few) would otherwise match in call order while each forward is forced the other's rows. Elsewhere (a compiled forward, a
+part of the model called alone) they are compared in call order. Each ranking is also compared, where the routes know
+it, with where the routers stood in their rows as the capture took it (their device cursors: rows written then), the
+replay's standing the rows read: parts of the model called in another order than at the capture take the same rankings
+at other rows, whose rows after them would be forced on other tokens; routes that tell neither where the routers stood
+nor the rankings of each forward (saved before the places were kept) are refused at their first ranking. A recompute in
+backward (activation checkpointing) repeats the forward's choice and is not counted.
 """
 
 from __future__ import annotations
