@@ -6,7 +6,8 @@ The rule checked: a decoder's layers called one by one (a logit lens), a slice o
 model after them, replay exactly and force the recorded rows; a Mixture-of-Depths choice first made in a layer called
 alone is recorded, and a replay that runs those calls in another order (the same rankings in the same order, as many
 rows in all, but each call's rows read at other places of the routes) is refused instead of forcing one call's rows on
-another's tokens.
+another's tokens, also once the routes are saved, sent, sliced, joined, renamed or selected (where the routers stood
+at each ranking goes with them, shifted with the rows).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def test_a_choice_first_made_in_layers_called_alone_is_checked_where_the_routes_
 
 @pytest.mark.reliability("silent replays")
 def test_saved_routes_of_layers_called_alone_replayed_in_another_order_are_refused(tmp_path: Path) -> None:
-    """The routes above, saved and loaded (or cut, joined, renamed, sent): the rankings travel, where the routers
-    stood in their rows at each does not, so the rankings are compared in call order and the calls replayed in the
-    other order force the full forward's rows on the chosen tokens."""
+    """Once silent: the routes above, saved and loaded, kept their rankings but not where the routers stood in their
+    rows at each, so the rankings were compared in call order and the calls replayed in the other order forced the
+    full forward's rows on the chosen tokens. Now the places are saved too, and that replay is refused (the other
+    paths: see test_where_the_routers_stood_at_each_choice_travels_with_the_routes)."""
     model = _EveryOtherForward().eval()
     x = _mod_x()
     with mr.attach(model) as session:
