@@ -342,6 +342,26 @@ _SCALINGS = _tensor_funcs(
 )
 #: Those of the scalings that move a zero off zero (a threshold at zero of their result is one at another value).
 _SHIFTS = _tensor_funcs("add sub clamp clamp_min clamp_max __add__ __radd__ __sub__ __rsub__")
+#: Calls that keep each zero of such values zero and each other value other (a renormalisation, a sign flip, a ``relu``
+#: of non-negative weights, a ``where`` or ``masked_fill`` that zeroes slots): a threshold at zero of their result is
+#: still the pattern of the slots the decision filled. Any other call made from them elementwise or along their rows
+#: (see :meth:`OrphanWatch._derived`) moves that line: a ``log``, a ``floor``, a cast to integers, a ``heaviside``.
+_KEEP_ZERO = _tensor_funcs(
+    "mul mul_ div div_ true_divide neg neg_ abs abs_ relu relu_ sign where masked_fill masked_fill_ __mul__ __rmul__ "
+    "__imul__ __truediv__ __itruediv__ __neg__ __abs__"
+) | {nn.functional.normalize}
+#: Calls whose result holds none of such values, only their shape (``zeros_like(weights)``, ``fill_``).
+_FRESH = _tensor_funcs(
+    "zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros new_ones new_empty "
+    "new_full zero_ fill_ normal_ uniform_ random_ bernoulli_ exponential_ copy_"
+)
+#: Calls whose result, of such values, is where they are not zero (``nonzero``, ``!= 0``) or compares them (``==``
+#: the row's ``amax``): thresholds too, at zero where given the number 0 (see :func:`_at_zero`).
+_PATTERNS = _tensor_funcs("nonzero argwhere ne eq not_equal __ne__ __eq__")
+#: Those of the patterns whose result is where such values are not zero.
+_WHERE_NONZERO = _tensor_funcs("nonzero argwhere")
+#: Joins of such values with others: the result holds them as they are.
+_JOINS = _tensor_funcs("cat concat concatenate stack hstack vstack")
 #: Rankings of such values outside every router: a later choice by score (a capacity drop by a top-k of the weights,
 #: a sort of them, a top-p), refused as made.
 _LATER_RANKINGS = _tensor_funcs("topk sort argsort msort kthvalue argmax argmin")
@@ -361,9 +381,10 @@ _LOGICAL = _tensor_funcs(
 
 
 def _at_zero(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Is this threshold (of :data:`_THRESHOLDS`) one at zero: ``bool()``, or a comparison with the number 0? Of a
-    router's returned weights, unshifted, it is the pattern of the slots its decision filled, not a choice by score."""
-    if func is torch.Tensor.bool:
+    """Is this threshold (of :data:`_THRESHOLDS` or :data:`_PATTERNS`) one at zero: ``bool()``, ``nonzero()``, or a
+    comparison with the number 0? Of a router's returned weights, unshifted, it is the pattern of the slots its
+    decision filled, not a choice by score."""
+    if func is torch.Tensor.bool or func in _WHERE_NONZERO:
         return True
     other = [a for a in (*args, *kwargs.values()) if not isinstance(a, torch.Tensor)]
     return len(other) == 1 and isinstance(other[0], int | float) and not isinstance(other[0], bool) and other[0] == 0
@@ -1062,24 +1083,27 @@ class OrphanWatch(TorchFunctionMode):
                     _weak_put(self.scored, t, router)
                     if shifted:
                         _weak_put(self.shifted, t, True)
+                elif t.dtype == torch.bool:  # (``.to(torch.bool)``: ``bool()`` by another name)
+                    self._threshold(torch.Tensor.bool, (t,), {}, t, router, bool(shifted))
+                else:  # (a cast to integers: a ``floor``, its zeros no longer the router's)
+                    _weak_put(self.scored, t, router)
+                    _weak_put(self.shifted, t, True)
             return
-        if func in _SCALINGS or func in _THRESHOLDS:
+        if func in _SCALINGS or func in _THRESHOLDS or func in _PATTERNS:
             tensors = [a for a in _flat(args, kwargs)]
             router = next((r for r in map(lambda a: _weak_get(self.scored, a), tensors) if r is not None), None)
             if router is None or not isinstance(out, torch.Tensor):
                 return
             shifted = any(_weak_get(self.shifted, a) for a in tensors)
-            if func in _THRESHOLDS:
-                if not shifted and _at_zero(func, args, kwargs):  # (the nonzero pattern of the router's own weights:
-                    return  # a dispatch mask, ``combine.bool()``, ``gates > 0``: what the decision chose, forced too)
-                what = self._later_site(f"a threshold's mask ({getattr(func, '__name__', 'compare')})", router)
-                if what is not None:
-                    _weak_put(self.later, out, what)
+            if func in _THRESHOLDS or func in _PATTERNS:  # (at zero of the router's own weights, unshifted: the
+                self._threshold(func, args, kwargs, out, router, shifted)  # dispatch mask, ``combine.bool()``)
             elif out.numel() <= max(a.numel() for a in tensors if _weak_get(self.scored, a) is not None):
                 _weak_put(self.scored, out, router)
                 if shifted or func in _SHIFTS:
                     _weak_put(self.shifted, out, True)
             return
+        if func not in _LATER_RANKINGS and func not in _LATER_EXTREMES and func not in _STATISTICS:
+            self._derived(func, args, kwargs, out)
         if router is None:
             return
         if func in _LATER_RANKINGS:
@@ -1090,6 +1114,41 @@ class OrphanWatch(TorchFunctionMode):
             what = self._later_site(f"the indices of a {getattr(func, '__name__', 'max')} along a dimension", router)
             if what is not None:
                 _weak_put(self.later, out[1], what)
+
+    def _threshold(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor, router: str, shifted: bool
+    ) -> None:
+        """Note ``out``, a threshold's mask (or the indices where it holds) on values the attached router at ``router``
+        returned, as a later choice once read (:attr:`later`); not where it is one at zero of values not shifted
+        since (the pattern of the slots the decision filled)."""
+        if not shifted and _at_zero(func, args, kwargs):
+            return
+        what = self._later_site(f"a threshold's mask ({getattr(func, '__name__', 'compare')})", router)
+        if what is not None:
+            _weak_put(self.later, out, what)
+
+    def _derived(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Follow an attached router's returned values (:attr:`scored`) through any other call whose result has their
+        shape (made from them elementwise or along their rows: a ``log``, a ``sigmoid``, a ``cumsum``, a cast, an
+        in-place shift) or joins them with others (a ``cat``): the result is followed too, shifted (its zeros no
+        longer the router's) unless the call keeps zeros (:data:`_KEEP_ZERO`) and its inputs were not."""
+        if not isinstance(out, torch.Tensor) or out.dim() < 1 or func in _FRESH:
+            return
+        tensors = _flat(args, kwargs)
+        joined = func in _JOINS
+        router = next(
+            (r for a in tensors if (joined or a.shape == out.shape) and (r := _weak_get(self.scored, a)) is not None),
+            None,
+        )
+        if router is None:
+            return
+        shifted = any(_weak_get(self.shifted, a) for a in tensors) or not (joined or func in _KEEP_ZERO)
+        if out.dtype == torch.bool:  # (a mask made from them: ``signbit(w - t)``, ``isclose``, a threshold too)
+            self._threshold(func, args, kwargs, out, router, True)
+            return
+        _weak_put(self.scored, out, router)
+        if shifted:
+            _weak_put(self.shifted, out, True)
 
     def _later_site(self, what: str, router: str) -> str | None:
         """What a later choice (``what``) by the values the attached router at ``router`` returned is reported as,
