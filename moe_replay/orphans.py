@@ -360,8 +360,12 @@ _FRESH = _tensor_funcs(
 _PATTERNS = _tensor_funcs("nonzero argwhere ne eq not_equal __ne__ __eq__")
 #: Those of the patterns whose result is where such values are not zero.
 _WHERE_NONZERO = _tensor_funcs("nonzero argwhere")
-#: Joins of such values with others: the result holds them as they are.
-_JOINS = _tensor_funcs("cat concat concatenate stack hstack vstack")
+#: Joins of such values with others, and writes of them into another tensor (a combine tensor made by scattering the
+#: weights into zeros at their ids): the result holds them as they are.
+_JOINS = _tensor_funcs(
+    "cat concat concatenate stack hstack vstack scatter scatter_ index_put index_put_ index_copy index_copy_ "
+    "masked_scatter masked_scatter_"
+)
 #: Rankings of such values outside every router: a later choice by score (a capacity drop by a top-k of the weights,
 #: a sort of them, a top-p), refused as made.
 _LATER_RANKINGS = _tensor_funcs("topk sort argsort msort kthvalue argmax argmin")
