@@ -1951,7 +1951,7 @@ def _passed_through(obj: Any, depth: int = 0) -> list[Any]:
         return [x for v in obj for x in _passed_through(v, depth + 1)]
     if type(obj) is dict:
         return [x for v in obj.values() for x in _passed_through(v, depth + 1)]
-    return [obj] if _plain_object(obj) and (not _standard(type(obj)) or type(obj) is types.SimpleNamespace) else []
+    return [obj] if _held_object(obj) and (not _standard(type(obj)) or type(obj) is types.SimpleNamespace) else []
 
 
 def _grad_like(obj: Any, ref: Any) -> Any:
@@ -2369,6 +2369,19 @@ def _plain_object(v: Any) -> bool:
     )
 
 
+def _held_object(v: Any) -> bool:
+    """A plain object of the user's (:func:`_plain_object`), or one of a class of theirs that keeps its state in
+    slots declared instead of a ``__dict__`` (``__slots__ = ("n",)``): what :func:`_own_state` reads and
+    :func:`_put_own_state` puts back alike."""
+    return _plain_object(v) or (
+        bool(_slot_names(type(v)))
+        and not _standard(type(v))
+        and not isinstance(v, nn.Module | torch.Tensor | type | types.ModuleType | _Redrawn)
+        and not callable(getattr(type(v), "__next__", None))
+        and not isinstance(v, types.FunctionType | types.MethodType | types.BuiltinFunctionType | functools.partial)
+    )
+
+
 def _kept_iterators(
     attrs: list[tuple[nn.Module, dict[str, tuple[Any, Any]]]],
 ) -> list[tuple[_Home, Any, _Tape]]:
@@ -2444,7 +2457,7 @@ def _with_kept_objects(iterators: list[Any]) -> list[Any]:
         obj, depth = todo.pop(0)
         own, slots = _own_state(obj)
         for v, _ in itertools.chain(own.values(), slots.values()):
-            if id(v) not in seen and _plain_object(v):
+            if id(v) not in seen and _held_object(v):
                 seen.add(id(v))
                 out.append(v)
                 if depth < _KEPT_DEPTH:
@@ -3228,11 +3241,11 @@ class _Snapshot:
         if not found:
             return
         kept = {id(o) for o, _ in self.own_states}
-        objects = [o for o in _with_kept_objects([v for v in found if _plain_object(v)]) if id(o) not in kept]
+        objects = [o for o in _with_kept_objects([v for v in found if _held_object(v)]) if id(o) not in kept]
         self.own_states += [(o, _own_state(o)) for o in objects]
         held = {id(t) for t, _, _ in itertools.chain(self.tensors, self.inputs_held)}
         budget = _COPY_LIMIT - sum(v.numel() for _, v, _ in self.inputs_held)
-        values: list[Any] = [v for v in found if not _plain_object(v)]  # (the named tuples' fields)
+        values: list[Any] = [v for v in found if not _held_object(v)]  # (the named tuples' fields)
         for o in objects:
             own, slots = _own_state(o)
             values += [v for v, _ in itertools.chain(own.values(), slots.values())]

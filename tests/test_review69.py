@@ -202,3 +202,66 @@ def test_a_drop_by_score_on_an_einsum_combine_tensor_is_refused() -> None:
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(_x())
     assert_untouched(model, before)
+
+
+class _Count:
+    """A running count kept in a slot (no ``__dict__``)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class _Holder:
+    """A plain object holding a slotted count, a few objects deep in what the forward is handed."""
+
+    def __init__(self) -> None:
+        self.inner = _Count()
+
+
+class _Counting(nn.Module):
+    """Top-k routing that adds its tokens to the counts it is handed, and scales its output by them (so a count a run
+    left moved changes what the model returns)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList([nn.Linear(D, D) for _ in range(E)])
+
+    def forward(self, x: torch.Tensor, count: _Count, holder: _Holder) -> torch.Tensor:
+        tokens = x.reshape(-1, D)
+        weights, ids = torch.topk(torch.softmax(self.gate(tokens), -1), K, -1)
+        count.n += tokens.shape[0]
+        holder.inner.n += 1
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            tok, slot = (ids == e).nonzero().unbind(1)
+            out[tok] += expert(tokens[tok]) * weights[tok, slot].unsqueeze(-1)
+        return out.view_as(x) / (count.n + holder.inner.n)
+
+
+@pytest.mark.reliability("silent replays")
+def test_slotted_counts_handed_to_a_forward_are_added_to_once_per_real_forward() -> None:
+    """An object keeping its state in slots, handed to the forward (as an argument, or held by a plain object that
+    is), is put back after each establishing run like one with a ``__dict__``: after a capture and a replay, each
+    count moved as one plain forward moves it, and the captured output is the model's."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Counting().eval()
+    x = _x()
+    count, holder = _Count(), _Holder()
+    with torch.no_grad():
+        plain = model(x, count, holder)
+    moved = (count.n, holder.inner.n)
+    with mr.attach(model) as session:
+        count, holder = _Count(), _Holder()
+        with torch.no_grad(), session.capture():
+            captured = model(x, count, holder)
+        assert (count.n, holder.inner.n) == moved
+        routes = session.routes()
+        count, holder = _Count(), _Holder()
+        with torch.no_grad(), session.replay(routes):
+            model(x, count, holder)
+        assert (count.n, holder.inner.n) == moved
+    torch.testing.assert_close(captured, plain)
