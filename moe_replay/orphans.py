@@ -350,10 +350,12 @@ _KEEP_ZERO = _tensor_funcs(
     "mul mul_ div div_ true_divide neg neg_ abs abs_ relu relu_ sign where masked_fill masked_fill_ __mul__ __rmul__ "
     "__imul__ __truediv__ __itruediv__ __neg__ __abs__"
 ) | {nn.functional.normalize}
-#: Calls whose result holds none of such values, only their shape (``zeros_like(weights)``, ``fill_``).
+#: Calls whose result holds none of such values, only their shape (``zeros_like(weights)``, ``fill_``), or tells
+#: only which are no numbers (``isnan``: a guard, no choice by score).
 _FRESH = _tensor_funcs(
     "zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros new_ones new_empty "
-    "new_full zero_ fill_ normal_ uniform_ random_ bernoulli_ exponential_ copy_"
+    "new_full zero_ fill_ normal_ uniform_ random_ bernoulli_ exponential_ copy_ isnan isinf isfinite isposinf "
+    "isneginf isreal"
 )
 #: Calls whose result, of such values, is where they are not zero (``nonzero``, ``!= 0``) or compares them (``==``
 #: the row's ``amax``): thresholds too, at zero where given the number 0 (see :func:`_at_zero`).

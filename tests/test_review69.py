@@ -54,6 +54,7 @@ _DROPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 _KEEPS: dict[str, Callable[[torch.Tensor, torch.Tensor, list[float]], torch.Tensor]] = {
     "normalize": lambda ids, w, stats: F.normalize(w, p=1.0, dim=-1).bool(),
     "where-ids": lambda ids, w, stats: torch.where(ids >= 0, w, torch.zeros_like(w)).bool(),
+    "nan-guard": lambda ids, w, stats: w.masked_fill(torch.isnan(w) | w.isinf(), 0.0).bool(),
     "combine-bool": lambda ids, w, stats: torch.zeros(w.shape[0], E).scatter(1, ids, w).bool().gather(1, ids),
     "statistics": lambda ids, w, stats: (
         stats.extend(
