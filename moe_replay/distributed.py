@@ -18,6 +18,7 @@ Example (every rank runs this, e.g. under ``torchrun``)::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -186,10 +187,11 @@ def _known(routes: Routes) -> list[int]:
     not told (``Routes._order_untold``), plus 2 where they are a capture's rows in the order its
     routers saw the tokens, which it told (``Routes._routers_order``), plus 4 times the count of routes
     joined into them (``Routes._joined``); then why token ids were lost (length and
-    UTF-8 bytes, 0: none), the mask of the tokens its first forward's routers saw where the model took the padding
-    out (``Routes._prompt_kept``: -1 where none, else its two sizes and values), the rankings by which a module chose
-    the tokens reaching its routers (``Routes._token_choices``, ``Routes._choice_forwards`` and
-    ``Routes._choice_places``: see
+    UTF-8 bytes, 0: none), the settings a remap of each router's ids after its decision read at capture
+    (``Routes._ids_settings``, as JSON: length and UTF-8 bytes, 0: none), the mask of the tokens its first
+    forward's routers saw where the model took the padding out (``Routes._prompt_kept``: -1 where none, else its
+    two sizes and values), the rankings by which a module chose the tokens reaching its routers
+    (``Routes._token_choices``, ``Routes._choice_forwards`` and ``Routes._choice_places``: see
     :func:`~moe_replay._choice_record.choices_to_ints`), and each router's own token ids
     (``Routes._router_ids``: -1 where none, else each router's count of rows and its ids), followed where they are
     kept by each router's own calls (``Routes._router_calls``: -1 where none, else for each router -1 where not known,
@@ -219,6 +221,9 @@ def _known(routes: Routes) -> list[int]:
     out.append(int(routes._order_untold) | 2 * int(routes._routers_order) | 4 * routes._joined)
     lost = (routes._ids_lost or "").encode()
     out += [len(lost), *lost]
+    # (the settings a remap of a router's ids after its decision read at capture, by router: a replay compares them)
+    held = json.dumps(routes._ids_settings).encode() if routes._ids_settings else b""
+    out += [len(held), *held]
     kept = routes._prompt_kept  # (a first forward's mask of the tokens its routers saw: its shape, then its values)
     out += [-1] if kept is None else [*kept.shape, *kept.reshape(-1).long().tolist()]
     out += choices_to_ints(routes._token_choices, routes._choice_forwards, routes._choice_places, routes.names)
@@ -273,6 +278,11 @@ def _restore(routes: Routes, known: Sequence[int], dropped: int) -> Routes:
     at += 1
     n, at = int(known[at]), at + 1
     routes._ids_lost = bytes(int(b) for b in known[at : at + n]).decode() if n else None
+    at += n
+    n, at = int(known[at]), at + 1
+    if n:
+        held = json.loads(bytes(int(b) for b in known[at : at + n]).decode())
+        routes._ids_settings = {name: tuple((k, v) for k, v in pairs) for name, pairs in held.items()}
     at += n
     if int(known[at]) >= 0:  # (a first forward's mask of the tokens its routers saw)
         rows, cols = int(known[at]), int(known[at + 1])

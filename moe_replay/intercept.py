@@ -1131,6 +1131,26 @@ class RouterHook:
                     )
         return None
 
+    def ids_settings(self, always: bool = False) -> tuple[tuple[str, str], ...] | None:
+        """The settings of the scope now, ``(key, repr(value))``, where a decision of this router in use returns no
+        indices of its decision call to its caller (see :meth:`_check_returned`): its ids pass through code after the
+        decision (a remap by an offset in its code, or in a hook of its modules), which may read them, so the rows
+        recorded (the top-k's) name the experts run only under those values. None where every decision in use
+        returns its call's indices as they are (no code after it makes the ids), or none is known yet. Its tensors
+        (weights a training step updates, a held order) and its hooks are left out: they change the scores, or are
+        checked at each forward. Read as a capture ends, outside the forwards. ``always``: the settings now, whatever
+        its decisions return (a replay compares them with those a capture kept)."""
+        if not always and not any(
+            (known := self._returned_at.get(ev)) is not None and known[0] is None for ev in self.evidence.values()
+        ):
+            return None
+        now = _settings_and_held(self.scope)
+        return tuple(
+            (key, repr(value))
+            for key, value in sorted(now.items())
+            if key != _HOOKS_KEY and not isinstance(value, HeldStamp | torch.Tensor)
+        )
+
     @property
     def reestablishing(self) -> bool:
         """Its decision was dropped after a change of its settings or code (see :meth:`follow_settings`) and is

@@ -469,6 +469,8 @@ class Routes:
     #: where each router stood in its rows at each of ``_token_choices`` (by name; None: not told): it travels with
     #: the record (see _trusted and ``moe_replay._choice_record``; a class default as above)
     _choice_places: Places | None = None
+    #: (see _trusted; a class default for routes pickled before it was kept)
+    _ids_settings: dict[str, tuple[tuple[str, str], ...]] | None = None
 
     def __init__(
         self,
@@ -551,6 +553,7 @@ class Routes:
         self._cut_from: tuple[_Forwards, int, int] | None = None  # (see _trusted)
         self._forward_calls = None
         self._router_calls = None
+        self._ids_settings = None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -832,6 +835,7 @@ class Routes:
         self._cut_from = source._cut_from
         self._forward_calls = source._forward_calls
         self._router_calls = source._router_calls
+        self._ids_settings = source._ids_settings
         if source._router_cut is not None:  # (in memory only: not a mark of a file or the wire)
             self._router_cut = source._router_cut
 
@@ -922,6 +926,7 @@ class Routes:
         if self._router_ids is not None:
             out._router_ids = tuple(v[rows] for v in self._router_ids)
         out._ids_lost = self._ids_lost
+        out._ids_settings = self._ids_settings  # (the same routers, fewer rows: captured under the same settings)
         out._recorded_names = self._recorded_names  # (the same routers, fewer rows)
         out._joined = self._joined  # (rows of several routes joined may still be several sequences')
         out._token_rank = None if self._token_rank is None else _out_of_order(self._token_rank[rows])
@@ -1104,6 +1109,9 @@ class Routes:
         out._choice_places = rename_places(self._choice_places, dict(zip(self._names, names, strict=True)))
         out._token_ids = self._token_ids
         out._router_ids = self._router_ids
+        if self._ids_settings is not None:  # (each router's, under its new name)
+            new = dict(zip(self._names, names, strict=True))
+            out._ids_settings = {new.get(n, n): v for n, v in self._ids_settings.items()}
         if self._recorded_names is not None:  # (the model they were recorded on, under the names given)
             out._recorded_names = tuple(dict.fromkeys(_renamed(self._recorded_names, prefixes, keys)))
         return out
@@ -1242,6 +1250,7 @@ class Routes:
         self._caches_interleaved = next((p._caches_interleaved for p in parts if p._caches_interleaved), None)
         self._rows_untold = next((p._rows_untold for p in parts if p._rows_untold), None)
         self._ids_lost = next((p._ids_lost for p in parts if p._ids_lost), None)
+        self._ids_settings = _joined_settings(parts)
 
     @classmethod
     def _trusted(
@@ -1374,6 +1383,13 @@ class Routes:
         #: Session.routes(), cut by slices, picked by select, joined by cat: a replay checks each router's calls in
         #: each of its forwards against those of the captured forward it reads (see ``RouterFeedCheck``)
         obj._router_calls = None
+        #: set by Session.routes(), by router name: for a router whose ids reach its caller through code after its
+        #: decision (a remap of the top-k's indices by an offset, in its code or a hook of its modules), the settings
+        #: its decision was established under, ``(key, repr(value))``, as the capture ran. The rows are the top-k's,
+        #: not the experts the remapped ids name: a replay under other values of them is refused (see
+        #: ``Session._check_ids_settings``). Kept by every method that keeps a router's rows (names changed with it,
+        #: joined by cat: a setting the parts differ in reads as such), by files and the wire; None: none known
+        obj._ids_settings = None
         return obj
 
     def _forwards_meta(self) -> dict[str, Any] | None:
@@ -1547,6 +1563,8 @@ class Routes:
             meta["forwards"] = forwards
         if self._recorded_names is not None:  # (an optional key: a reader that does not know it reads the rest)
             meta["recorded_names"] = list(self._recorded_names)
+        if self._ids_settings is not None:  # (the settings a remap of a router's ids read: a replay compares them)
+            meta["ids_settings"] = {n: [list(p) for p in v] for n, v in self._ids_settings.items()}
         arrays: dict[str, Any] = {f"layer_{i}": d.numpy() for i, d in enumerate(self._data)}
         if self._token_ids is not None:
             arrays["token_ids"] = self._token_ids.numpy()
@@ -1661,6 +1679,9 @@ class Routes:
                 if not isinstance(recorded, list) or not all(isinstance(n, str) for n in recorded):
                     raise _corrupted(path, "the router names it was recorded on are not a list of strings")
                 routes._recorded_names = tuple(recorded)
+            settings = meta.get("ids_settings")
+            if settings is not None:
+                routes._ids_settings = _read_ids_settings(settings, path)
             if mask is not None:
                 if len(set(routes.tokens_per_layer)) != 1 or mask.shape != (routes.num_tokens,):
                     raise _corrupted(path, f"its prompt mask holds {mask.numel()} values for {routes.num_tokens} rows")
@@ -1748,6 +1769,43 @@ def reorder_hint(part: Routes, first: Routes, i: int, what: str = "part") -> str
     if part.names == first.names:
         return ""
     return f": the same routers in another order; reorder {what} {i} with .select() and the names of {what} 0"
+
+
+#: what a setting reads as in routes joined from parts captured under different values of it
+SETTING_DIFFERS = "(different in the routes joined)"
+
+
+def _joined_settings(parts: Sequence[Routes]) -> dict[str, tuple[tuple[str, str], ...]] | None:
+    """The settings each router's rows of ``parts`` were captured under (see ``Routes._ids_settings``), joined: a
+    setting the parts hold different values of reads :data:`SETTING_DIFFERS` (no replay runs under both)."""
+    held = [p._ids_settings for p in parts if p._ids_settings]
+    if not held:
+        return None
+    out: dict[str, dict[str, str]] = {}
+    for one in held:
+        for name, pairs in one.items():
+            into = out.get(name)
+            if into is None:
+                out[name] = dict(pairs)
+                continue
+            for key, value in pairs:
+                if into.get(key, value) != value:
+                    into[key] = SETTING_DIFFERS
+                else:
+                    into[key] = value
+    return {name: tuple(sorted(pairs.items())) for name, pairs in out.items()}
+
+
+def _read_ids_settings(value: Any, path: str | os.PathLike[str]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The settings a file keeps per router (see ``Routes._ids_settings``), checked."""
+    if not isinstance(value, dict) or not all(
+        isinstance(n, str)
+        and isinstance(pairs, list)
+        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs)
+        for n, pairs in value.items()
+    ):
+        raise _corrupted(path, "the settings its routers were captured under are not lists of [name, value] strings")
+    return {n: tuple((k, v) for k, v in pairs) for n, pairs in value.items()}
 
 
 def _unique_keys(pairs: list[tuple[str, Any]], twice: list[str]) -> dict[str, Any]:

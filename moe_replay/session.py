@@ -88,6 +88,7 @@ from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, 
 from .routes import (
     LOST_ID,
     PADDING_ID,
+    SETTING_DIFFERS,
     UNTOLD_RANK,
     Routes,
     _known_or_none,
@@ -816,6 +817,9 @@ class Session:
         self._wrappers: list[ScopedForward] = []
         self._kept_rows: list[_HostRows | None] | None = None  # the capture rows, copied at detach
         self._kept_ran: list[bool] = []  # per router: it ran in the last capture (kept with its rows)
+        #: per router name: the settings a remap of its ids after its decision read as the capture ran (see
+        #: RouterHook.ids_settings and Routes._ids_settings), for routes() to carry
+        self._ids_settings: dict[str, tuple[tuple[str, str], ...]] = {}
         self._renamed: dict[str, str] | None = None  # the prefix map of the last replay, if it needed one
         self._feeds: FeedRecord | None = None  # what the model's forwards were fed during the last capture
         #: the KV caches the forwards of the last replay block built, with the capture its rows were cut from (a
@@ -1635,6 +1639,56 @@ class Session:
         for h, around in zip(self._hooks, self._around(), strict=True):
             h.follow_settings(around)
 
+    def _keep_ids_settings(self, clear: bool) -> None:
+        """As a capture ends (its settings checked unchanged inside it): keep, per router whose ids pass through code
+        after its decision, the settings it ran under (see :meth:`RouterHook.ids_settings`). A capture appended to
+        the last (``clear=False``) under other values of one keeps that it differs: no replay runs under both."""
+        was = {} if clear else self._ids_settings
+        now: dict[str, tuple[tuple[str, str], ...]] = {}
+        for h in self._hooks:
+            held = h.ids_settings() if h.calls > 0 else None
+            if held is not None:
+                now[h.name] = held
+        for name, pairs in was.items():
+            if name not in now:
+                now[name] = pairs
+            elif pairs != now[name]:
+                joined = dict(now[name])
+                for key, value in pairs:
+                    if joined.get(key, value) != value:
+                        joined[key] = SETTING_DIFFERS
+                now[name] = tuple(sorted(joined.items()))
+        self._ids_settings = now
+
+    def _check_ids_settings(self, routes: Routes, plan: Sequence[tuple[RouterHook, Any, int]]) -> None:
+        """Refuse routes whose rows a router's ids were remapped from under other settings than it has now.
+
+        The rows recorded are those of the router's decision call (its top-k); where its ids reach its caller
+        through code after that (a shift by an offset in its code, or in a hook of its modules), the experts they
+        name follow the settings that code reads, so rows captured under one value of them and forced under another
+        run other experts. Only the settings such a router's capture recorded (``Routes._ids_settings``) are
+        compared; routes without them (built from rows, an engine's, files written before they were kept) replay
+        as before."""
+        held = routes._ids_settings
+        if not held:
+            return
+        for h, _, j in plan:
+            then = held.get(routes.names[j])
+            if then is None:
+                continue
+            now = dict(h.ids_settings(always=True) or ())
+            for key, was in then:
+                is_ = now.get(key, "unset")
+                if is_ != was:
+                    raise SessionStateError(
+                        f"router '{h.name}': its ids pass through code after its decision (it does not return the "
+                        f"indices its decision call returned, as they are), and '{key}' of it is {is_} now, but was "
+                        f"{was} when these routes were captured: the rows recorded are its decision call's, and "
+                        "forced under another value of a setting that code may read they would run other experts "
+                        "than the capture did. Set it back as it was for the replay, or capture again under the new "
+                        "value"
+                    )
+
     def _around(self) -> list[frozenset[str]]:
         """For each router, the attribute names the code of the modules on the way from the model to its scope assigns
         on other objects, a constant each time (flags a forward sets around its routers: see
@@ -1895,6 +1949,8 @@ class Session:
         self._check_in_place()
         self._follow_settings()
         self._follow_devices()
+        if clear:  # (kept again as it ends: a capture that fails keeps none of the last one's)
+            self._ids_settings = {}
         if not clear and self._interrupted is not None:
             raise SessionStateError(
                 f"the last capture was interrupted by {self._interrupted}, so its rows may stop half-way "
@@ -1982,6 +2038,7 @@ class Session:
             release()  # (a Ctrl-C held since the settings changed is raised here, where the finally puts them back)
             yield
             self._check_unchanged("capture()", skeleton, calls)
+            self._keep_ids_settings(clear)
             if self._feeds is not None and self._feeds.raised is not None:  # (caught inside the block: no exit error)
                 self._interrupted = f"{self._feeds.raised}, caught inside the block"
         except BaseException as exc:
@@ -2184,6 +2241,8 @@ class Session:
         routes = Routes._trusted(rows, names, experts)  # (a ring kept from before a change: the E it recorded)
         # (every router of the model, where the session took them all: a replay elsewhere tells a part from a wrapper)
         routes._recorded_names = self._model_routers if self._filtered else names
+        kept = {n: self._ids_settings[n] for n in names if n in self._ids_settings}
+        routes._ids_settings = kept or None
         # the forwards the rows came from, where every router saw the same ones (split_generation checks them)
         each = [r.call_rows(w) if r is not None else None for r, w in zip(rings, written, strict=True)]
         calls = set(each)
@@ -2532,6 +2591,7 @@ class Session:
         untold = routes._rows_untold if isinstance(routes, Routes) and not strict else None
         self._follow_settings()  # (first: a router whose settings changed has its k and E checked at its next forward)
         routes, plan = self._check_routes(routes, strict)
+        self._check_ids_settings(routes, plan)
         self._check_in_place()
         self._follow_devices()
         layers = routes._data

@@ -283,12 +283,6 @@ class _OwnShift(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the routes record the rows of the router's top-k, not the experts its ids name after a remap inside its "
-    "scope by a setting; that setting changed between the capture and the replay, the replay forces the rows and "
-    "runs other experts than the captured forward ran, without a word",
-)
 def test_a_remap_of_the_ids_by_a_setting_changed_between_capture_and_replay_is_refused_or_exact() -> None:
     """The router's ids pass through a shift by an offset its own code reads, changed after the capture block and
     before the replay block: the replay runs the captured experts on the captured tokens, or is refused."""

@@ -1513,6 +1513,7 @@ _MARKS = (
     "_token_choices",
     "_choice_forwards",
     "_choice_places",
+    "_ids_settings",
 )
 #: the marks that hold one value per row (``_router_ids``: per router and row)
 _ROW_MARKS = ("_token_ids", "_fed_mask", "_seq_pos", "_layout_pos", "_token_rank", "_router_ids", "_lineage")
@@ -1541,6 +1542,7 @@ def _marked(kind: str) -> mr.Routes:
         {"enc.layers.0.gate": 0, "enc.layers.1.gate": 0},
         {"enc.layers.0.gate": 4, "enc.layers.1.gate": 4},
     )
+    r._ids_settings = {"enc.layers.1.gate": (("offset", "1"), ("remap.k", "2"))}  # (a remap of its ids read them)
     if kind != "routers":  # (a capture that kept no router's ids, or kept one router's and lost the other's)
         r._ids_lost = "router 'x' made calls on a part of a forward's tokens"
     if kind == "lost":
@@ -1661,7 +1663,10 @@ def test_every_routes_transformation_carries_every_mark_exactly_where_it_holds(k
             base.rename({"enc.": "module.enc."}),
             every,
             [0, 1],
-            {"_recorded_names": tuple("module." + n if n.startswith("enc.") else n for n in base._recorded_names)},
+            {
+                "_recorded_names": tuple("module." + n if n.startswith("enc.") else n for n in base._recorded_names),
+                "_ids_settings": {"module." + n: v for n, v in base._ids_settings.items()},
+            },
         ),
         # (the halves are rows the caller chose by a slice: no longer placed by the reader's count alone)
         "cat(halves)": (
