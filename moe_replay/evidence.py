@@ -1048,19 +1048,32 @@ class _ProbeMode(TorchFunctionMode):
         """After the decision: is this call read from the scores (``read``: the leaves of the arguments whose values
         it reads, see :meth:`_answer`)? Its results (``made``: the leaves of its result) are then too (not those of a
         call that takes only their shape, as ``zeros_like``: a mask of the chosen experts scattered into it is no
-        score)."""
+        score).
+
+        Only floating values carry the scores' values into floating results: integers or booleans made from the
+        scores (the rows of ``nonzero(gates)``, a mask) only place or pick other values, whose floating results
+        (an expert's rows gathered by them, its hidden units and their ``relu``) are not the scores. Such integers
+        are either fixed by the decision held (a test for zero, see :func:`_tests_zero`) or made by a later choice
+        of their own, which is held and varied where it is made; they stay scored themselves, and so do the integers
+        and booleans made of them."""
         if func in _SHAPE_ONLY or not self._scores:
             return False
         scores = self._scores
+        valued = False  # (a floating or complex score read: its results all carry the scores' values)
+        placed = False  # (an integer or boolean one only: its integer or boolean results are scored, no others)
         for t in read:
             ref = scores.get(id(t))
-            if ref is not None and ref() is t:
-                break
-        else:
+            if ref is not None and ref() is t and isinstance(t, torch.Tensor):
+                if t.is_floating_point() or t.is_complex():
+                    valued = True
+                    break
+                placed = True
+        if not valued and not placed:
             return False
         for t in made:
-            self._score(t)
-        return True
+            if valued or (isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex())):
+                self._score(t)
+        return valued
 
     def _seed(self, x: torch.Tensor, out: Any) -> None:
         """The forced decision's scores (and the tensors of their width they were made of in this forward,

@@ -379,8 +379,8 @@ def test_moe_fusion_local_experts_routing_whole_images_replays_as_by_hand() -> N
     image's two modalities (one route per image), top-k of k + 1; the visible features go to the first half of the
     experts and the infrared ones to the second, combined in log space (the foreground layer).
     Found with zero configuration; the recorded rows are the experts each image ran, and a replay after the gates
-    change (moderately: see the known gap below) forces them, in output and gradients as by hand."""
-    session = assert_exact(MoEFusionEncoder(), _images(), change=1.0)
+    change forces them, in output and gradients as by hand."""
+    session = assert_exact(MoEFusionEncoder(), _images())
     assert session.names == ("moe_fg",), session.names
 
 
@@ -389,7 +389,7 @@ def test_moe_fusion_local_experts_routing_whole_images_replays_as_by_hand() -> N
 # ``fc2`` and a softmax; the rows each expert runs are gathered by ``nonzero`` of the dense ``[N, E]`` gates (the
 # top-k softmax scattered), sorted by expert, and combined in log space. With the decision held, the rows an expert
 # gets are fixed (a softmax weight is never zero), and an expert's ReLU reads its own units of those rows, not the
-# scores; yet the ReLU, reached through rows indexed by the gates, is taken for a later choice made from the scores.
+# scores: the rows indexed by integers made from the gates carry none of their values, so the ReLU is no later choice.
 class RauMLP(nn.Module):
     def __init__(self, input_size: int, output_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -432,17 +432,11 @@ class RauModel(nn.Module):
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.UnsupportedRouterError,
-    reason="an expert's ReLU over rows gathered by nonzero of the gates is taken for a later choice from the scores",
-)
 def test_relu_experts_fed_by_a_sparse_dispatcher_replay_as_by_hand() -> None:
     """Rau's sparsely-gated MoE (its ReLU experts fed by its ``SparseDispatcher``): with the decision held, an
-    expert's rows are fixed and its ReLU reads its own units, so the replay is exact (as it is with GELU experts);
-    today it is refused, "its forward chooses again from the current scores (at" the experts' ReLU). MoE-Fusion's
-    local experts in training (noisy gating, ReLU conv experts, the same dispatcher) and TC-MoA's gate without its
-    cut are refused alike."""
+    expert's rows are fixed and its ReLU reads its own units, so the replay is exact (as it is with GELU experts).
+    It was refused, "its forward chooses again from the current scores (at" the experts' ReLU); MoE-Fusion's local
+    experts in training and TC-MoA's gate without its cut replay too (see ``test_review72``)."""
     session = assert_exact(RauModel(), torch.randn(10, 16, generator=torch.Generator().manual_seed(3)))
     assert session.names == ("moe",), session.names
 
