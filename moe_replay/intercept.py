@@ -473,7 +473,13 @@ def _unread_stamp(scope: nn.Module) -> tuple[Any, ...]:
         out.append(type(m))
         out.append(getattr(type(m), "forward", None))
         out.append(tuple(own))
-        out.extend(v for v in own.values() if callable(v) and not isinstance(v, nn.Module | torch.Tensor))
+        # (moe_replay's own wrapper by identity only: a stamp kept here that held it would be a holder detach cannot
+        # edit, where another wrapper installed since holds it too; its code is no router's to read names from)
+        out.extend(
+            (ScopedForward, id(v)) if isinstance(v, ScopedForward) else v
+            for v in own.values()
+            if callable(v) and not isinstance(v, nn.Module | torch.Tensor)
+        )
         out.extend(len(d) for n in _HOOK_FNS if (d := own.get(n)) is not None)
         out.append(tuple(m._parameters))
         out.append(tuple(m._buffers))
