@@ -37,6 +37,7 @@ from .errors import (
     TokenMismatchError,
     UnknownRouterError,
     UnsupportedRouterError,
+    _check_calls,
 )
 from .generation import generation_capacity, generation_lengths, split_generation
 from .interop import LayerMap
@@ -91,3 +92,10 @@ __all__ = [
     "pad_routes",
     "split_generation",
 ]
+
+# A call that does not bind to an entry point's signature (a misspelled keyword...) raises an ArgumentTypeError that
+# names the closest valid name and the parameters, where Python's own TypeError says none of what to do.
+_check_calls(__name__, methods=True)
+for _module in (distributed, interop, models):
+    _check_calls(_module.__name__)
+del _module

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
+import functools
+import inspect
 import re
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 __all__ = [
     "ArgumentTypeError",
@@ -176,3 +181,106 @@ def _from_compiler(error: BaseException) -> MoEReplayError | None:
                     return cls(message)
         at = at.__cause__ or at.__context__
     return None
+
+
+# ----------------------------------------------------------------------------- calls that do not bind
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+#: each public entry point checked (see :func:`_check_calls`) -> the function that checks its calls
+_CHECKED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _call_refusal(
+    fn: Callable[..., Any], shown: str, skip: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> ArgumentTypeError | None:
+    """The error for a call of ``fn`` (shown as ``shown``, its first ``skip`` parameters ``self`` or ``cls``) with
+    ``args`` and ``kwargs``, where they do not bind to its signature; None where they do (a ``TypeError`` raised
+    in its body is its own)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # (no signature to read: nothing to tell)
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        problem = str(err)
+    else:
+        return None
+    empty = inspect.Parameter.empty
+    params = [p.replace(annotation=empty) for p in list(signature.parameters.values())[skip:]]
+    takes = f"{shown}{signature.replace(parameters=params, return_annotation=empty)}"
+    by_keyword = [p.name for p in params if p.kind in _KEYWORD]
+    positional = sum(p.kind in _POSITIONAL for p in params)
+    wild = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    unknown = [key for key in kwargs if key not in by_keyword] if not wild else []
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], by_keyword, n=1, cutoff=0.6)
+        problem = f"got an unexpected keyword argument {unknown[0]!r}" + (
+            f" (did you mean {near[0]!r}?)" if near else ""
+        )
+    elif "too many positional" in problem:
+        plural = "" if positional == 1 else "s"
+        problem = f"takes at most {positional} positional argument{plural}, got {len(args) - skip}"
+    valid = ", ".join(p.name for p in params if p.kind not in (inspect.Parameter.VAR_POSITIONAL,)) or "none"
+    named = " (those after `*` by name only)" if any(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params) else ""
+    return ArgumentTypeError(f"{shown}() {problem}. Its parameters are: {valid}; call it as {takes}{named}")
+
+
+def _checked(fn: Callable[_P, _R], shown: str, skip: int = 0) -> Callable[_P, _R]:
+    """``fn``, whose call raises an :class:`ArgumentTypeError` (also a ``TypeError``) where its arguments do not bind
+    to its signature (an unknown or misspelled keyword, a required one missing, too many by position), naming it as
+    ``shown``, the argument, the closest valid name and its parameters: Python's own ``TypeError`` says none of what
+    to do. A call that binds costs one frame and a ``try``: only for entry points called by hand, never per forward.
+    Its signature, docstring and ``help()`` are ``fn``'s (``functools.wraps``)."""
+    if fn in _CHECKED:
+        return _CHECKED[fn]
+
+    @functools.wraps(fn)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except TypeError as err:
+            if isinstance(err, MoEReplayError):
+                raise
+            refusal = _call_refusal(fn, shown, skip, args, kwargs)
+            if refusal is None:
+                raise
+            raise refusal from None
+
+    _CHECKED[fn] = _CHECKED[call] = call
+    return call
+
+
+def _check_class(cls: type, methods: bool) -> None:
+    """Check the calls of ``cls``'s constructor (its own ``__init__``) and, with ``methods``, of its public methods,
+    class methods and static methods (see :func:`_checked`); its properties and special methods are left alone."""
+    for name, value in list(vars(cls).items()):
+        if name != "__init__" and (name.startswith("_") or not methods):
+            continue
+        shown = cls.__qualname__ if name == "__init__" else f"{cls.__qualname__}.{name}"
+        if isinstance(value, (classmethod, staticmethod)) and inspect.isfunction(value.__func__):
+            kind = type(value)
+            skip = 1 if kind is classmethod else 0
+            setattr(cls, name, kind(_checked(value.__func__, shown, skip)))
+        elif inspect.isfunction(value):
+            setattr(cls, name, _checked(value, shown, 1))
+
+
+def _check_calls(module_name: str, methods: bool = False) -> None:
+    """Check the calls of every public entry point of a module (those named in its ``__all__``, see
+    :func:`_checked`): its functions, its classes' constructors and, with ``methods``, their public methods. A
+    function is replaced where the module names it and where it is defined (so that ``pickle`` still finds it);
+    exceptions and values are left alone. Called once, as the package is imported."""
+    module = sys.modules[module_name]
+    for name in getattr(module, "__all__", ()):
+        obj = getattr(module, name)
+        if isinstance(obj, type):
+            if not issubclass(obj, BaseException) and obj.__module__.startswith("moe_replay"):
+                _check_class(obj, methods)
+        elif inspect.isfunction(obj) and obj.__module__.startswith("moe_replay"):
+            checked = _checked(obj, obj.__name__)
+            for holder in (module, sys.modules.get(obj.__module__)):
+                if holder is not None and getattr(holder, name, None) is obj:
+                    setattr(holder, name, checked)

@@ -74,6 +74,7 @@ from ..errors import (
     RoutesValidationError,
     SessionStateError,
     UnsupportedRouterError,
+    _check_calls,
 )
 from ..generation import split_generation
 from ..interop import LayerMap
@@ -1106,3 +1107,6 @@ class RoutingReplayGRPOTrainer(RoutingReplayMixin, GRPOTrainer):
         ... )
         >>> trainer.train()  # doctest: +SKIP
     """
+
+
+_check_calls(__name__)  # (a call that does not bind names what is wrong: see moe_replay.errors)
