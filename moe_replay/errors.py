@@ -91,7 +91,9 @@ class InvalidArgumentError(MoEReplayError, ValueError):
 
 
 class ArgumentTypeError(MoEReplayError, TypeError):
-    """An argument of the wrong type (also a ``TypeError``)."""
+    """An argument of the wrong type, or a call of a public function, constructor or method whose arguments do not
+    bind to its signature: an unknown or misspelled keyword, a required argument left out, too many by position
+    (also a ``TypeError``, as Python raises for those)."""
 
 
 class TokenIndexError(MoEReplayError, IndexError):
