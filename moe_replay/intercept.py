@@ -1144,17 +1144,21 @@ class RouterHook:
         recorded (the top-k's) name the experts run only under those values. None where every decision in use
         returns its call's indices as they are (no code after it makes the ids), or none is known yet. Its tensors
         (weights a training step updates, a held order) and its hooks are left out: they change the scores, or are
-        checked at each forward. Read as a capture ends, outside the forwards. ``always``: the settings now, whatever
-        its decisions return (a replay compares them with those a capture kept)."""
+        checked at each forward. What its code (or a hook of its modules) assigns, or a forward of it was seen to
+        change (a count of its calls: see :meth:`_settle`), is its state, not a setting, and is left out too: it
+        moves with every forward, the replay's own as well. Read as a capture ends, outside the forwards.
+        ``always``: the settings now, whatever its decisions return (a replay compares them with those a capture
+        kept)."""
         if not always and not any(
             (known := self._returned_at.get(ev)) is not None and known[0] is None for ev in self.evidence.values()
         ):
             return None
         now = _settings_and_held(self.scope)
+        own = self._own | _written(self.scope)
         return tuple(
             (key, repr(value))
             for key, value in sorted(now.items())
-            if key != _HOOKS_KEY and not isinstance(value, HeldStamp | torch.Tensor)
+            if key != _HOOKS_KEY and not isinstance(value, HeldStamp | torch.Tensor) and not is_written(key, own)
         )
 
     @property
