@@ -1046,7 +1046,11 @@ def _names_read(fn: types.FunctionType, cls: type | None) -> frozenset[str] | No
                 return None  # (a module held in a global or a closure cell: it may be this one, handed on unseen)
             if owner is None:
                 continue
-            attr = inspect.getattr_static(owner, name, _MISSING)
+            # (as the instance finds it in its class: not the class's own ``__name__``, which its metaclass holds,
+            # nor what ``object`` holds for every instance, its ``__class__``: no attribute of the module is read)
+            attr = _in_class(owner, name)
+            if attr is not _MISSING and _OBJECTS.get(name, _MISSING) is attr:
+                continue
             if isinstance(attr, types.FunctionType):
                 todo.append((attr, owner, True))
             elif isinstance(attr, staticmethod | classmethod):
@@ -1060,15 +1064,24 @@ def _names_read(fn: types.FunctionType, cls: type | None) -> frozenset[str] | No
     return frozenset(names)
 
 
+#: what ``object`` holds for every instance (its ``__class__``, ``__init__``, ``__eq__``...)
+_OBJECTS = vars(object)
+
+
 def _escapes(code: types.CodeType, me: str) -> bool:
     """Is the module (the local or free variable ``me``) used in ``code`` otherwise than to read or write one of its
-    attributes by name (``self.gate``, ``self.ids = ids``): handed to a call, formatted, returned, compared?"""
+    attributes by name (``self.gate``, ``self.ids = ids``): handed to a call, formatted, returned, compared?
+
+    Uses that read none of its attributes are no escape: its class or identity taken by a builtin (``type(m)``,
+    ``id(m)``, ``isinstance(m, nn.Linear)``), a key of a mapping (``names[m]``, ``seen[m] = out``), a test of its
+    identity (``x is m``, ``m is None``). A hook that logs a module's output under its name is such code."""
     loaded = False
+    before: Any = None  # (the last instruction not passed over)
     for ins in _instructions(code):
         op = ins.opname
         if op in _PASS:
             continue
-        if loaded and op not in _ATTRIBUTE_OPS:
+        if loaded and op not in _ATTRIBUTE_OPS and not _keyed_or_compared(ins):
             return True
         loaded = False
         if op.startswith("LOAD_FAST") or op in ("LOAD_DEREF", "LOAD_NAME"):
@@ -1077,8 +1090,32 @@ def _escapes(code: types.CodeType, me: str) -> bool:
                 if argval[0] == me:
                     return True
                 argval = argval[-1]
+            elif before is not None and before.opname in _GLOBAL_LOADS and before.argval in _CLASS_OR_IDENTITY:
+                argval = None  # (handed to type, id or isinstance: first argument, right after the builtin)
             loaded = argval == me
+        before = ins
     return loaded
+
+
+#: the builtins that take a module's class or identity, reading none of its attributes (its first argument, loaded
+#: right after the builtin): ``type(m)``, ``id(m)``, ``isinstance(m, cls)``
+_CLASS_OR_IDENTITY = frozenset(("type", "id", "isinstance"))
+_GLOBAL_LOADS = frozenset(("LOAD_GLOBAL", "LOAD_NAME"))
+#: what may follow a module loaded that uses it as a key (the last operand of a subscript: ``names[m]``,
+#: ``seen[m] = out``) or tests its identity (``x is m``; ``m is None`` as a jump of its own)
+_KEYED_OR_COMPARED = frozenset(("BINARY_SUBSCR", "STORE_SUBSCR", "DELETE_SUBSCR", "IS_OP"))
+
+
+def _keyed_or_compared(ins: Any) -> bool:
+    """Does the instruction ``ins``, right after a module is loaded, use it as a key or test its identity alone (see
+    :data:`_KEYED_OR_COMPARED`; a subscript by ``BINARY_OP`` where the interpreter spells it so, a jump on
+    ``is None``)?"""
+    op = ins.opname
+    return (
+        op in _KEYED_OR_COMPARED
+        or (op == "BINARY_OP" and ins.argrepr == "[]")
+        or op.endswith(("_IF_NONE", "_IF_NOT_NONE"))
+    )
 
 
 def _function(fn: Any) -> types.FunctionType | None:

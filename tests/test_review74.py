@@ -1,8 +1,13 @@
-"""A false refusal of round 54, fixed generally: the settings a router's capture keeps for a remap of its ids after
+"""Two false refusals of round 54, fixed generally. The settings a router's capture keeps for a remap of its ids after
 its decision (see ``Routes._ids_settings``) left in the state its code changes itself, so a count of its calls (kept
 by its remap's code, by a name the code cannot be read for, or by a user's hook on it) moved with every forward and
 refused every replay after the first, the replay's own forward counting too. Such state is left out, as the checks
-inside a block leave it out; a real setting changed between the blocks is still refused."""
+inside a block leave it out; a real setting changed between the blocks is still refused. And a user's hook on a
+router's modules that takes the module handed to it by its class or identity alone (``type(m).__name__``,
+``names[m]``, ``isinstance(m, ...)``, ``m is None``: a hook that logs outputs by module) was read as one whose
+reading is not complete, which made every attribute of the scope a setting: a record the block keeps on its gate
+(the last ids, for its loss) refused the capture at its second forward. Such uses read no attribute; a setting such a
+hook reads by name is still one."""
 
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ from torch import nn
 import moe_replay as mr
 from tests.test_evidence import D
 from tests.test_review71 import E, _Model
+
+#: the hooks on the router's gate that take the module they are handed by its class or identity alone
+_LOGGING_HOOKS = ("type", "mapping key", "isinstance", "identity")
 
 #: the counter's name, spelled so that the code reading it cannot be read for which attribute it names
 _NAME = "cal" + "ls"
@@ -82,4 +90,90 @@ def test_a_count_of_calls_kept_by_the_remap_is_no_setting_of_the_routes(how: str
             setting = r"remap\.offset"
         with pytest.raises(mr.MoEReplayError, match=rf"router 'block\.router'.*{setting}.*captured"):
             with torch.no_grad(), session.replay(routes):
+                model(x)
+
+
+class _Logger:
+    """A user's object whose bound method, a hook on a router's gate, logs the gate's output under the module's name,
+    found as ``how`` says; it shifts nothing, but reads the router's ``offset`` by name (as a hook that scales by a
+    setting would)."""
+
+    def __init__(self, how: str, router: nn.Module) -> None:
+        self.how, self.router = how, router
+        self.names = {router.gate: "gate"}
+        self.log: list[tuple[str, int]] = []
+
+    def hook(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if self.how == "type":
+            name = type(module).__name__
+        elif self.how == "mapping key":
+            name = self.names[module]
+            self.names[module] = name
+        elif self.how == "isinstance":
+            name = "linear" if isinstance(module, nn.Linear) else "other"
+        else:
+            name = "none" if module is None else "gate"
+        self.log.append((name, self.router.offset))
+
+
+def _logging_hook(how: str, router: nn.Module) -> _Logger:
+    """:class:`_Logger`'s hook, set on the router's gate."""
+    logger = _Logger(how, router)
+    router.gate.register_forward_hook(logger.hook)
+    return logger
+
+
+class _Keeping(nn.Module):
+    """The model of test_review71 whose forward keeps the router's last ids and token count on its gate, after the
+    router returns (for a loss): records no code of the router reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router = self.inner.block.router
+        out = self.inner(x)
+        w, ids = router(x)
+        router.gate.last_ids = ids
+        router.gate.last_count = int(x.shape[0])
+        return out + w.sum()
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("how", _LOGGING_HOOKS)
+def test_a_hook_taking_its_module_by_class_or_identity_makes_no_record_a_setting(how: str) -> None:
+    """Three forwards of different sizes captured, then replayed, with the logging hook on the gate and the records
+    kept on it after each: neither block is refused (the records moved at every forward), the hook ran in each, and
+    the replay runs the captured experts on the captured tokens."""
+    model = _Keeping()
+    logger = _logging_hook(how, model.inner.block.router)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(5))
+    feeds = (x, x[:4], x[2:5])
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            for t in feeds:
+                model(t)
+        captured = [sorted(r) for r in model.inner.block.ran[-3:]]
+        routes = session.routes()
+        with torch.no_grad(), session.replay(routes):
+            for t in feeds:
+                model(t)
+        assert [sorted(r) for r in model.inner.block.ran[-3:]] == captured
+    assert logger.log, "the hook never ran: the case tries nothing"
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize("how", _LOGGING_HOOKS)
+def test_a_setting_such_a_hook_reads_by_name_is_still_one(how: str) -> None:
+    """The same hook reads the router's ``offset`` by name: changed between two forwards of one capture block, it is
+    refused naming it, as an attribute only a hook reads is (the hook's other uses of its module hide no read)."""
+    model = _Model()
+    _logging_hook(how, model.block.router)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(5))
+    with mr.attach(model) as session:
+        with pytest.raises(mr.MoEReplayError, match=r"'offset' of router 'block\.router'"):
+            with torch.no_grad(), session.capture():
+                model(x)
+                model.block.router.offset += 1
                 model(x)
