@@ -1025,8 +1025,10 @@ def _names_read(fn: types.FunctionType, cls: type | None) -> frozenset[str] | No
         me = top.co_varnames[0] if is_method and top.co_argcount else None
         codes = [top]
         mine: set[str] = set()
+        read: list[types.CodeType] = []  # (its code and the code nested in it)
         while codes:
             c = codes.pop()
+            read.append(c)
             codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
             if not _DYNAMIC_READS.isdisjoint(c.co_names):
                 return None
@@ -1043,7 +1045,11 @@ def _names_read(fn: types.FunctionType, cls: type | None) -> frozenset[str] | No
             if isinstance(value, types.FunctionType):
                 todo.append((value, None, False))
             elif isinstance(value, nn.Module):
-                return None  # (a module held in a global or a closure cell: it may be this one, handed on unseen)
+                # (a module held in a global, or in a closure cell its code hands on: it may be this one, its
+                # attributes read unseen; one in a cell whose code only reads or writes its attributes by name, or
+                # takes its class or identity, reads the names counted here already)
+                if cells is None or name not in cells.cells or any(_escapes(c, name) for c in read):
+                    return None
             if owner is None:
                 continue
             # (as the instance finds it in its class: not the class's own ``__name__``, which its metaclass holds,

@@ -4,7 +4,8 @@ by its remap's code, by a name the code cannot be read for, or by a user's hook 
 refused every replay after the first, the replay's own forward counting too. Such state is left out, as the checks
 inside a block leave it out; a real setting changed between the blocks is still refused. And a user's hook on a
 router's modules that takes the module handed to it by its class or identity alone (``type(m).__name__``,
-``names[m]``, ``isinstance(m, ...)``, ``m is None``: a hook that logs outputs by module) was read as one whose
+``names[m]``, ``isinstance(m, ...)``, ``m is None``: a hook that logs outputs by module), or holds the router in a
+closure cell and reads its attributes by name alone, was read as one whose
 reading is not complete, which made every attribute of the scope a setting: a record the block keeps on its gate
 (the last ids, for its loss) refused the capture at its second forward. Such uses read no attribute; a setting such a
 hook reads by name is still one."""
@@ -22,7 +23,7 @@ from tests.test_evidence import D
 from tests.test_review71 import E, _Model
 
 #: the hooks on the router's gate that take the module they are handed by its class or identity alone
-_LOGGING_HOOKS = ("type", "mapping key", "isinstance", "identity")
+_LOGGING_HOOKS = ("type", "mapping key", "isinstance", "identity", "closure")
 
 #: the counter's name, spelled so that the code reading it cannot be read for which attribute it names
 _NAME = "cal" + "ls"
@@ -117,9 +118,14 @@ class _Logger:
 
 
 def _logging_hook(how: str, router: nn.Module) -> _Logger:
-    """:class:`_Logger`'s hook, set on the router's gate."""
+    """:class:`_Logger`'s hook, set on the router's gate; ``"closure"``: a function holding the router in a closure
+    cell, reading its attributes by name alone."""
     logger = _Logger(how, router)
-    router.gate.register_forward_hook(logger.hook)
+    if how == "closure":
+        log = logger.log
+        router.gate.register_forward_hook(lambda module, args, out: log.append((type(module).__name__, router.offset)))
+    else:
+        router.gate.register_forward_hook(logger.hook)
     return logger
 
 
