@@ -69,14 +69,25 @@ experts are chosen per token (mixture-of-heads, SwitchHead); rows of a learned m
 An integer input's dimensions are the input's only where as long as the tokens (a floating input's leading
 dimensions, or else the first integer input's): a mask of the experts each token may use is not.
 
-A choice can also be made after the router's, by the block that holds it: a capacity drop by a top-k of the weights
-the router returned (per expert, over its tokens), a sort of them, a threshold on them. The routes carry the router's
+A choice can also be made after the router's, by the block that holds it: a capacity drop by a top-k of the weights the
+router returned (per expert, over its tokens), a sort of them, a threshold on them. The routes carry the router's
 choice, not this one, and a replay would make it again from the current scores. So the floating tensors an attached
-router's scope returns (one holding no experts) are followed through the calls that pick, view, cast or scale them
-(not a matmul, nor a product with anything larger: the hidden states), and in a module of an MoE block outside every
-router (or one holding a router below it; not the model's own forward, whose top-k of all router logits feeds an
-auxiliary loss) a ranking of them is refused as made; a ``max`` or ``min`` along a dimension only where a later call
-reads its indices, and a threshold only where its mask is used beyond a count or a mean (a statistic kept aside).
+router's scope returns (one holding no experts; nor whole numbers only: tokens counted per expert, ids cast to floats)
+are followed through the calls that pick, view, cast or scale them, join them with others (``cat``, ``stack``, ``pad``),
+scatter them into a dense table (a combine tensor), reduce them (a token's total weight, an expert's load), map them
+elementwise (``exp``, ``log``, any other call keeping their shape) or multiply them into no more entries (``w @ M``, an
+``einsum``, or a dense table over a bank's experts; not a product into the hidden states' width, a combine of the
+experts' outputs, nor an elementwise product with anything larger), and in a module of an MoE block outside every router
+(or one holding a router below it; not the model's own forward, whose top-k of all router logits feeds an auxiliary
+loss) a ranking of them is refused as made (of a statistic over the tokens, only where its indices are read); a ``max``
+or ``min`` along a dimension only where a later call reads its indices, and a threshold only where its mask is used
+beyond a count or a mean (a statistic kept aside); ``!=``, ``nonzero`` and ``==`` (of the row's maximum: an arg-max by
+hand) are thresholds too. A threshold at zero of the router's own weights is the pattern of the slots its decision
+filled (nonnegative values, no fuller per row than the ids beside them); of raw scores with signs, a dense map fuller
+than the ids (a ReLU of the logits), or values moved off zero since, it is a threshold like any. Their entries made
+Python numbers (``tolist()``, ``numpy()``, a row's ``item()``: sorted in Python, the watch cannot see how they are used)
+are refused too, unless they are a statistic over the tokens (a loss, a load per expert). ``verify()`` and a forward
+watched again after the model changed follow them as a first forward does.
 """
 
 from __future__ import annotations
@@ -332,7 +343,7 @@ def _tensor_funcs(names: str) -> frozenset[Any]:
 _CARRIES = _tensor_funcs(
     "__getitem__ gather index_select take take_along_dim masked_select detach clone contiguous view reshape "
     "flatten unflatten squeeze unsqueeze view_as reshape_as t transpose permute movedim expand expand_as "
-    "to float half bfloat16 double type type_as narrow select unbind chunk split"
+    "to float half bfloat16 double long int short byte type type_as narrow select unbind chunk split"
 )
 #: Elementwise scalings of such values (by a number, or by a tensor no larger than they: the weights renormalised,
 #: scaled, shifted); a product with the hidden states (larger) is not followed, nor a matmul.
@@ -346,28 +357,24 @@ _SHIFTS = _tensor_funcs("add sub clamp clamp_min clamp_max __add__ __radd__ __su
 #: of non-negative weights, a ``where`` or ``masked_fill`` that zeroes slots): a threshold at zero of their result is
 #: still the pattern of the slots the decision filled. Any other call made from them elementwise or along their rows
 #: (see :meth:`OrphanWatch._derived`) moves that line: a ``log``, a ``floor``, a cast to integers, a ``heaviside``.
+#: So do the reductions whose zeros, of nonnegative values, are where all their operands' are (``weights.sum(-1)``, a
+#: token's total weight: zero where it filled no slot), not a running total (a ``cumsum`` moves the zeros after one).
 _KEEP_ZERO = _tensor_funcs(
     "mul mul_ div div_ true_divide neg neg_ abs abs_ relu relu_ sign where masked_fill masked_fill_ __mul__ __rmul__ "
-    "__imul__ __truediv__ __itruediv__ __neg__ __abs__"
+    "__imul__ __truediv__ __itruediv__ __neg__ __abs__ sum mean nansum nanmean amax amin norm"
 ) | {nn.functional.normalize}
 #: Calls whose result holds none of such values, only their shape (``zeros_like(weights)``, ``fill_``), or tells
 #: only which are no numbers (``isnan``: a guard, no choice by score).
 _FRESH = _tensor_funcs(
     "zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros new_ones new_empty "
-    "new_full zero_ fill_ normal_ uniform_ random_ bernoulli_ exponential_ copy_ isnan isinf isfinite isposinf "
-    "isneginf isreal"
+    "new_full new_tensor zero_ fill_ normal_ uniform_ random_ bernoulli_ exponential_ copy_ isnan isinf isfinite "
+    "isposinf isneginf isreal"
 )
 #: Calls whose result, of such values, is where they are not zero (``nonzero``, ``!= 0``) or compares them (``==``
 #: the row's ``amax``): thresholds too, at zero where given the number 0 (see :func:`_at_zero`).
 _PATTERNS = _tensor_funcs("nonzero argwhere ne eq not_equal __ne__ __eq__")
 #: Those of the patterns whose result is where such values are not zero.
 _WHERE_NONZERO = _tensor_funcs("nonzero argwhere")
-#: Joins of such values with others, and writes of them into another tensor (a combine tensor made by scattering the
-#: weights into zeros at their ids): the result holds them as they are.
-_JOINS = _tensor_funcs(
-    "cat concat concatenate stack hstack vstack scatter scatter_ index_put index_put_ index_copy index_copy_ "
-    "masked_scatter masked_scatter_"
-)
 #: Rankings of such values outside every router: a later choice by score (a capacity drop by a top-k of the weights,
 #: a sort of them, a top-p), refused as made.
 _LATER_RANKINGS = _tensor_funcs("topk sort argsort msort kthvalue argmax argmin")
@@ -378,6 +385,33 @@ _LATER_EXTREMES = _tensor_funcs("max min")
 #: averaged, cast or viewed for it. Any other use (picking tokens by it, a ``where``, a ``masked_fill``, a product)
 #: makes it a choice.
 _STATISTICS = _tensor_funcs("sum mean any all count_nonzero nansum numel")
+
+
+#: Calls that gather such values with others into one tensor (joined, padded, written into a buffer, selected by a
+#: mask, repeated): where any floating argument holds them, so does the result, whatever its size (a dense
+#: ``[tokens, experts]`` table of the weights scattered at their ids, a combine tensor, is their scores still), its
+#: zeros moved only where theirs were.
+_GATHERS = _tensor_funcs(
+    "cat concat concatenate stack hstack vstack dstack column_stack where masked_fill masked_fill_ masked_scatter "
+    "masked_scatter_ scatter scatter_ scatter_add scatter_add_ scatter_reduce scatter_reduce_ index_put index_put_ "
+    "index_add index_add_ index_copy index_copy_ repeat repeat_interleave tile roll flip fliplr flipud cpu cuda "
+    "__setitem__ put put_ diag_embed diagonal"
+) | {F.pad}
+#: Those of the gathers that sum (or otherwise reduce) the values into the entries of a buffer: into fewer entries
+#: than the values (an expert's summed weight over its tokens), a statistic of them.
+_BINNING = _tensor_funcs("scatter_add scatter_add_ scatter_reduce scatter_reduce_ index_add index_add_ put put_")
+#: Histograms of such values (counts, or weights summed per bin): a statistic of them all.
+_HISTOGRAMS = _tensor_funcs("histc histogram bincount")
+#: Reductions of such values (per token, per expert, or of them all: a total routing weight, an expert's load, an
+#: auxiliary loss): the result holds their scores still (a ranking of the tokens by their total weight chooses by
+#: them); a reduction to one number is a statistic, which may be made a Python number (logged) freely.
+_REDUCTIONS = _tensor_funcs(
+    "sum mean nansum nanmean amax amin logsumexp prod norm std var median nanmedian cumsum cumprod"
+)
+#: Those of the reductions that keep the dimension they run along (a running total per entry): never a statistic.
+_RUNNING = _tensor_funcs("cumsum cumprod")
+#: The Python iteration of a tensor (``for w in weights``, a list comprehension over it): its rows hold its values.
+_ITERATE = frozenset((torch.Tensor.__iter__,))
 
 
 #: Logical combinations of masks (a threshold's mask combined with another stays a threshold's).
@@ -445,6 +479,31 @@ def _ordering() -> bool:
     block's check follows)?"""
     thread = ORDER_PROBE.thread
     return thread is not None and ORDER_PROBE.check is None and thread == threading.get_ident()
+
+
+def _read(t: torch.Tensor, test: Callable[[torch.Tensor], torch.Tensor], unread: bool) -> bool:
+    """``test`` (a boolean reduction) of ``t``'s values, read where that can be (a tensor with values, no graph being
+    captured); ``unread`` otherwise."""
+    if t.numel() == 0 or t.is_meta:
+        return unread
+    try:
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return unread
+        with NO_TORCH_FUNCTION():
+            return bool(test(t.detach()))
+    except (RuntimeError, NotImplementedError):  # (a tensor without values: fake)
+        return unread
+
+
+def _negative(t: torch.Tensor) -> bool:
+    """Does ``t`` hold a negative entry (where its values can be read)?"""
+    return _read(t, lambda v: (v < 0).any(), False)
+
+
+def _whole(t: torch.Tensor) -> bool:
+    """Does ``t`` hold whole numbers only (tokens counted per expert by a ``histc``, ids cast to floats): no scores? A
+    tensor whose values cannot be read is taken to hold scores."""
+    return _read(t, lambda v: (v == v.round()).all(), False)
 
 
 def _token_count(values: Iterable[Any]) -> int | None:
@@ -754,6 +813,19 @@ class OrphanWatch(TorchFunctionMode):
         #: masks of a threshold on such values, and indices of an extreme of them, outside every router: what they are
         #: reported as once a later call reads them (see :meth:`_later`)
         self.later: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        #: those of :attr:`scored` that are a statistic of them all (a sum, a mean, an auxiliary loss: one number),
+        #: which may be made a Python number (logged) without choosing anything
+        self.reduced: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
+        #: the widths of the hidden states the routers read (their 2-D weights' inputs) and of the watched forward's
+        #: floating inputs: a product of the values with one of this width is a combine of the experts' outputs, the
+        #: hidden states, which are not followed
+        self.features = {
+            int(p.shape[-1])
+            for scope in self.scopes
+            if scope in self.modules
+            for p in self.modules[scope].parameters()
+            if p.dim() == 2
+        }
         #: the later choices by score found (see :meth:`_later`): reported by :meth:`check` apart from the orphans
         self.later_found: list[str] = []
 
@@ -763,6 +835,7 @@ class OrphanWatch(TorchFunctionMode):
         values = (*args, *(kwargs or {}).values())
         self.axes.seed(values)
         self.tokens = _token_count(values)
+        self.features.update(int(t.shape[-1]) for t in _tensors(list(values), 1) if t.is_floating_point() and t.dim())
 
     def _in_moe(self, name: str) -> bool:
         """Inside an MoE block (a module holding experts), and not inside attention?
@@ -1017,7 +1090,7 @@ class OrphanWatch(TorchFunctionMode):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if (self.scored or self.later) and not torch.compiler.is_compiling():
-            self._later(func, args, kwargs, out)
+            out = self._later(func, args, kwargs, out)
         if ranking is not None:
             indices = choice_indices(func, out)
             if indices is not None:
@@ -1056,17 +1129,32 @@ class OrphanWatch(TorchFunctionMode):
         tensors = _tensors(out, 2)
         ints = [t for t in tensors if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
         for t in tensors:
-            if t.is_floating_point() and t.dim() >= 1:
+            if t.is_floating_point() and t.dim() >= 1 and not _whole(t):  # (not counts, nor ids cast to floats)
                 _weak_put(self.scored, t, name)
                 if not _slot_pattern(t, ints):  # (its zeros are not the unfilled slots: a threshold at zero chooses)
                     _weak_put(self.shifted, t, True)
 
-    def _later(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        """Follow an attached router's returned values (:attr:`scored`) through a call that picks, views, casts or
-        scales them, and find a later choice made by them outside every router: a ranking of them (a top-k, a sort, an
-        arg-max), or an extreme along a dimension or a threshold on them whose indices or mask a later call reads
-        (to pick tokens or slots by, to mask weights with). The routes record the router's choice, not this one: a
-        replay would make it again from the current scores."""
+    def follow_returns(self) -> Any:
+        """A global forward hook (returned: its handle, to remove) that tells this watch what each module run returns,
+        so an attached router's returned values are followed (see :meth:`returned`)."""
+        from torch.nn.modules import module as _module
+
+        def returned(module: nn.Module, args: Any, out: Any) -> None:
+            if not torch.compiler.is_compiling():
+                self.returned(module, out)
+
+        return _module.register_module_forward_hook(own_hook(returned))
+
+    def _later(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        """Follow an attached router's returned values (:attr:`scored`) through a call that picks, views, casts,
+        scales, gathers, reduces, maps or multiplies them into no more entries (``weights @ M``; not the hidden
+        states), and find a later choice made by them outside every router: a ranking of them (a top-k, a sort, an
+        arg-max), an extreme along a dimension or a threshold on them (a comparison, ``!=``, ``==`` of the row's
+        maximum, ``nonzero``) whose indices or mask a later call reads (to pick tokens or slots by, to mask weights
+        with), or their entries made Python numbers (``tolist()``, ``numpy()``, ``item()`` of one entry: sorted in
+        Python, beyond the watch's sight). The routes record the router's choice, not this one: a replay would make it
+        again from the current scores. Returns ``out`` (a Python iteration over such values made a tuple's, so each
+        row is followed)."""
         first = _arg(args, kwargs, 0, "input")
         if self.later:
             held = _weak_get(self.later, first)
@@ -1080,46 +1168,116 @@ class OrphanWatch(TorchFunctionMode):
             elif held is not None and func not in _STATISTICS and held not in self.later_found:
                 self.later_found.append(held)
         if not self.scored:
-            return
+            return out
         router = _weak_get(self.scored, first)
+        if router is not None and func in _ITERATE:
+            rows = tuple(out)
+            shifted, reduced = bool(_weak_get(self.shifted, first)), bool(_weak_get(self.reduced, first))
+            for t in rows:
+                self._scored_result(t, router, shifted, reduced)
+            return iter(rows)
+        if router is not None and func in _CONVERSIONS:
+            if not _weak_get(self.reduced, first):
+                what = self._later_site(f"their entries made Python numbers ({func.__name__})", router)
+                if what is not None and what not in self.later_found:
+                    self.later_found.append(what)
+            return out
         if router is not None and func in _CARRIES:
-            shifted = _weak_get(self.shifted, first)
+            shifted, reduced = bool(_weak_get(self.shifted, first)), bool(_weak_get(self.reduced, first))
             for t in _tensors(out, 1):
-                if t.is_floating_point():
-                    _weak_put(self.scored, t, router)
-                    if shifted:
-                        _weak_put(self.shifted, t, True)
-                elif t.dtype == torch.bool:  # (``.to(torch.bool)``: ``bool()`` by another name)
-                    self._threshold(torch.Tensor.bool, (t,), {}, t, router, bool(shifted))
+                if t.dtype == torch.bool:  # (``.to(torch.bool)``: ``bool()`` by another name)
+                    self._threshold(torch.Tensor.bool, (t,), {}, t, router, shifted)
                 else:  # (a cast to integers: a ``floor``, its zeros no longer the router's)
-                    _weak_put(self.scored, t, router)
-                    _weak_put(self.shifted, t, True)
-            return
-        if func in _SCALINGS or func in _THRESHOLDS or func in _PATTERNS:
-            tensors = [a for a in _flat(args, kwargs)]
-            router = next((r for r in map(lambda a: _weak_get(self.scored, a), tensors) if r is not None), None)
-            if router is None or not isinstance(out, torch.Tensor):
-                return
-            shifted = any(_weak_get(self.shifted, a) for a in tensors)
-            if func in _THRESHOLDS or func in _PATTERNS:  # (at zero of the router's own weights, unshifted: the
-                self._threshold(func, args, kwargs, out, router, shifted)  # dispatch mask, ``combine.bool()``)
-            elif out.numel() <= max(a.numel() for a in tensors if _weak_get(self.scored, a) is not None):
-                _weak_put(self.scored, out, router)
-                if shifted or func in _SHIFTS:
-                    _weak_put(self.shifted, out, True)
-            return
-        if func not in _LATER_RANKINGS and func not in _LATER_EXTREMES and func not in _STATISTICS:
-            self._derived(func, args, kwargs, out)
-        if router is None:
-            return
-        if func in _LATER_RANKINGS:
+                    self._scored_result(t, router, shifted or not t.is_floating_point(), reduced)
+            return out
+        tensors = _flat(args, kwargs)
+        held = [a for a in tensors if _weak_get(self.scored, a) is not None]
+        if not held or func in _FRESH:
+            return out
+        router = _weak_get(self.scored, held[0])
+        shifted = any(_weak_get(self.shifted, a) for a in held)
+        if func in _THRESHOLDS or func in _PATTERNS:  # (at zero of the router's own weights, unshifted: the dispatch
+            if isinstance(out, torch.Tensor):  # mask, ``combine.bool()``; of scores, ``==`` of the row's maximum too)
+                self._threshold(func, args, kwargs, out, router, shifted)
+            return out
+        if router is not None and first is held[0] and func in _LATER_RANKINGS:
             what = self._later_site(getattr(func, "__name__", "ranking"), router)
-            if what is not None and what not in self.later_found:
+            if what is not None and _weak_get(self.reduced, first):  # (a statistic over the tokens ranked: the
+                indices = out if isinstance(out, torch.Tensor) else out[1]  # experts by their load, say; a choice
+                _weak_put(self.later, indices, what)  # only where its indices are read, as an extreme's are)
+            elif what is not None and what not in self.later_found:
                 self.later_found.append(what)
-        elif func in _LATER_EXTREMES and isinstance(out, tuple) and len(out) == 2:  # (along a dimension: indices too)
-            what = self._later_site(f"the indices of a {getattr(func, '__name__', 'max')} along a dimension", router)
-            if what is not None:
-                _weak_put(self.later, out[1], what)
+            return out
+        if first is held[0] and func in _LATER_EXTREMES:
+            if isinstance(out, tuple) and len(out) == 2:  # (along a dimension: indices too)
+                name = getattr(func, "__name__", "max")
+                what = self._later_site(f"the indices of a {name} along a dimension", router)
+                if what is not None:
+                    _weak_put(self.later, out[1], what)
+            values = out[0] if isinstance(out, tuple) else out
+            if isinstance(values, torch.Tensor) and values.is_floating_point():
+                statistic = values.numel() == 1 or self._over_tokens(first, args, kwargs)
+                self._scored_result(values, router, shifted, statistic)
+            return out
+        if func is torch.Tensor.__setitem__ and isinstance(first, torch.Tensor) and first is not held[0]:
+            out = None  # (``buffer[rows] = weights``: the buffer holds them now)
+            results = [first] if first.is_floating_point() else []
+        else:
+            results = [t for t in _tensors(out, 1) if t.is_floating_point()]
+        largest = max(a.numel() for a in held)
+        if results and func in _GATHERS:  # (summed into fewer bins, as an expert's load is: a statistic of them)
+            binned = func in _BINNING and all(t.numel() < largest for t in results)
+            for t in results:
+                self._scored_result(t, router, shifted, binned)
+        elif results and func in _HISTOGRAMS:
+            for t in results:
+                self._scored_result(t, router, True, True)
+        elif results and func in _REDUCTIONS and first is held[0]:
+            moved = shifted or func not in _KEEP_ZERO
+            statistic = func not in _RUNNING and self._over_tokens(first, args, kwargs)
+            for t in results:
+                self._scored_result(t, router, moved, statistic or t.numel() == 1)
+        elif func in _PRODUCTS:  # (mixed by another operand: its zeros are the router's only where it has no negatives)
+            others = [a for a in tensors if _weak_get(self.scored, a) is None and a.is_floating_point()]
+            moved = shifted or any(map(_negative, others))
+            for t in results:  # (as many entries, or a dense table of them over a bank's experts; not the hidden
+                # states, a combine of the experts' outputs)
+                dense = t.dim() >= 1 and int(t.shape[-1]) in self.widths and t.numel() <= largest * max(self.widths)
+                hidden = t.dim() >= 1 and int(t.shape[-1]) in self.features
+                if (t.numel() <= largest or dense) and not hidden:
+                    self._scored_result(t, router, moved, t.numel() == 1 and largest > 1)
+        elif results and (func in _SCALINGS or func in ELEMENTWISE):
+            moved = shifted or func in _SHIFTS or (func not in _SCALINGS and func not in _KEEP_ZERO)
+            reduced = all(_weak_get(self.reduced, a) for a in held)
+            for t in results:
+                if t.numel() <= largest:
+                    self._scored_result(t, router, moved, reduced)
+        elif func not in _STATISTICS:  # (any other call keeping their shape: a ``softmax``, a ``heaviside``, a mask)
+            self._derived(func, args, kwargs, out, held)
+        return out
+
+    def _over_tokens(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Does this reduction of ``x`` (its ``dim`` the second argument) run over every dimension of ``x`` known to be
+        the input's (its tokens)? Its result is then a statistic over the tokens (an expert's load, its mean weight),
+        which chooses none of them however it is read."""
+        labels = self.axes.labels(x)
+        data = {i for i, b in enumerate(labels) if b == DATA}
+        dim = _arg(args, kwargs, 1, "dim")
+        if dim is None:
+            return True
+        if not data:
+            return False
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return all(type(d) is int for d in dims) and data <= {d % x.dim() for d in dims}
+
+    def _scored_result(self, t: torch.Tensor, router: str, shifted: bool, reduced: bool) -> None:
+        """Note ``t`` as holding the values the attached router at ``router`` returned (:attr:`scored`), its zeros
+        moved off the router's (:attr:`shifted`) and a statistic of them all (:attr:`reduced`) where so."""
+        _weak_put(self.scored, t, router)
+        if shifted:
+            _weak_put(self.shifted, t, True)
+        if reduced:
+            _weak_put(self.reduced, t, True)
 
     def _threshold(
         self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor, router: str, shifted: bool
@@ -1133,28 +1291,24 @@ class OrphanWatch(TorchFunctionMode):
         if what is not None:
             _weak_put(self.later, out, what)
 
-    def _derived(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        """Follow an attached router's returned values (:attr:`scored`) through any other call whose result has their
-        shape (made from them elementwise or along their rows: a ``log``, a ``sigmoid``, a ``cumsum``, a cast, an
-        in-place shift) or joins them with others (a ``cat``): the result is followed too, shifted (its zeros no
-        longer the router's) unless the call keeps zeros (:data:`_KEEP_ZERO`) and its inputs were not."""
-        if not isinstance(out, torch.Tensor) or out.dim() < 1 or func in _FRESH:
+    def _derived(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, held: list[torch.Tensor]
+    ) -> None:
+        """Follow an attached router's returned values (:attr:`scored`, those of them in ``held``) through any call
+        :meth:`_later` names no rule for whose result has their shape (made from them elementwise or along their
+        rows: a ``softmax``, a ``heaviside``, a cast, an in-place shift): the result is followed too, shifted (its
+        zeros no longer the router's) unless the call keeps zeros (:data:`_KEEP_ZERO`) and its inputs were not; a
+        mask made from them so (``signbit(w - t)``, ``isclose``) is a threshold."""
+        if not isinstance(out, torch.Tensor) or out.dim() < 1:
             return
-        tensors = _flat(args, kwargs)
-        joined = func in _JOINS
-        router = next(
-            (r for a in tensors if (joined or a.shape == out.shape) and (r := _weak_get(self.scored, a)) is not None),
-            None,
-        )
+        router = next((r for a in held if a.shape == out.shape and (r := _weak_get(self.scored, a)) is not None), None)
         if router is None:
             return
-        shifted = any(_weak_get(self.shifted, a) for a in tensors) or not (joined or func in _KEEP_ZERO)
-        if out.dtype == torch.bool:  # (a mask made from them: ``signbit(w - t)``, ``isclose``, a threshold too)
+        if out.dtype == torch.bool:
             self._threshold(func, args, kwargs, out, router, True)
             return
-        _weak_put(self.scored, out, router)
-        if shifted:
-            _weak_put(self.shifted, out, True)
+        shifted = func not in _KEEP_ZERO or any(_weak_get(self.shifted, a) for a in held)
+        self._scored_result(out, router, shifted, False)
 
     def _later_site(self, what: str, router: str) -> str | None:
         """What a later choice (``what``) by the values the attached router at ``router`` returned is reported as,
@@ -1778,11 +1932,14 @@ class OrphanWatch(TorchFunctionMode):
             detail = "\n  ".join(dict.fromkeys(self.later_found))
             raise UnsupportedRouterError(
                 "a choice by score was made outside every attached router, by the values a router returned (a "
-                "capacity drop by their top-k, a sort of them, a threshold on them): the recorded routes cannot carry "
+                "capacity drop by their top-k, a sort of them, a threshold on them; or their entries made Python "
+                "numbers, whose use moe_replay cannot follow): the recorded routes cannot carry "
                 "it, and a replay would force the router's experts and make this choice again from the current scores, "
                 f"so other tokens could lose or gain an expert:\n  {detail}\nMake it part of the router's decision "
                 "(inside its forward, where moe_replay checks it), or make it by a rule that reads no scores (token "
-                "position, a fixed order). Attaching the module that makes it as the router (include= its path) lets "
+                "position, a fixed order); values only logged can be made Python numbers as a statistic over the "
+                "tokens (a sum, a mean per expert), or outside the forward. Attaching the module that makes it as the "
+                "router (include= its path) lets "
                 "the router's own check read this choice, which refuses a later choice by the current scores too; "
                 "exclude= the router leaves the block native, neither recorded nor forced"
             )
@@ -1889,11 +2046,13 @@ def watch_call(
     that raised). The modules it does not run are not noted: nothing is marked as passed by it."""
     watch = OrphanWatch(model, scopes, widths, excluded)
     watch.seed(*inputs)
+    returns = watch.follow_returns()  # (a router's returned values are followed, as at a first run)
     watch.__enter__()
     try:
         out = run()
     finally:
         watch.__exit__(None, None, None)
+        returns.remove()
     watch.settle()
     watch.check()
     return out

@@ -2999,6 +2999,7 @@ class Session:
                 ran.add(key)
 
             seen = register_module_forward_pre_hook(_ran)
+            returns = watch.follow_returns()  # (a later choice by a router's returned values is refused as at capture)
             try:  # eagerly, also where the model or some of its modules are compiled: the decisions are
                 # established by running forwards, which compiled code cannot (the fix every refusal names); the
                 # model is left as it was (a norm's running statistics, a step count, the random streams)
@@ -3006,6 +3007,7 @@ class Session:
                     model(*args, **kwargs)
             finally:
                 seen.remove()
+                returns.remove()
                 bar.close()
                 for h in self._hooks:
                     h.verifying = False

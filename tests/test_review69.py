@@ -188,11 +188,6 @@ class _Combined(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="the weights are followed through calls that keep their shape, joins and scatters, not through an einsum "
-    "or a matmul into a larger tensor (a combine tensor over all experts): a drop by score on it replays silently",
-)
 def test_a_drop_by_score_on_an_einsum_combine_tensor_is_refused() -> None:
     """Refused at the first capture as a later choice by score, the model as it was."""
     with torch.random.fork_rng():
