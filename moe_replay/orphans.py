@@ -373,6 +373,8 @@ _FRESH = _tensor_funcs(
 #: Calls whose result, of such values, is where they are not zero (``nonzero``, ``!= 0``) or compares them (``==``
 #: the row's ``amax``): thresholds too, at zero where given the number 0 (see :func:`_at_zero`).
 _PATTERNS = _tensor_funcs("nonzero argwhere ne eq not_equal __ne__ __eq__")
+#: Those of the patterns that compare for equality.
+_EQUALITY = _tensor_funcs("ne eq not_equal __ne__ __eq__")
 #: Those of the patterns whose result is where such values are not zero.
 _WHERE_NONZERO = _tensor_funcs("nonzero argwhere")
 #: Rankings of such values outside every router: a later choice by score (a capacity drop by a top-k of the weights,
@@ -428,6 +430,28 @@ def _at_zero(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         return True
     other = [a for a in (*args, *kwargs.values()) if not isinstance(a, torch.Tensor)]
     return len(other) == 1 and isinstance(other[0], int | float) and not isinstance(other[0], bool) and other[0] == 0
+
+
+def _id_compare(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Is this an equality comparison (of :data:`_EQUALITY`) of floating values with a whole number other than zero
+    (``idx == e`` where the ids travel as floats)? Of scores it picks only the entries exactly that number, no range
+    of them: an expert's id compared, no threshold. Scores compared with scores (``w == w.max(-1, keepdim=True)
+    .values``, an arg-max by hand), integers made from them (``(w * 4).long() == 2``) or zero (the slots' pattern,
+    :func:`_at_zero`) are thresholds still; so are values moved since (``(w * 4).floor() == 2``: the caller's to
+    tell)."""
+    if func not in _EQUALITY:
+        return False
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    other = [a for a in (*args, *kwargs.values()) if not isinstance(a, torch.Tensor)]
+    return (
+        len(tensors) == 1
+        and tensors[0].is_floating_point()
+        and len(other) == 1
+        and isinstance(other[0], int | float)
+        and not isinstance(other[0], bool)
+        and other[0] != 0
+        and float(other[0]).is_integer()
+    )
 
 
 def _slot_pattern(t: torch.Tensor, ints: list[torch.Tensor]) -> bool:
@@ -1187,8 +1211,10 @@ class OrphanWatch(TorchFunctionMode):
             for t in _tensors(out, 1):
                 if t.dtype == torch.bool:  # (``.to(torch.bool)``: ``bool()`` by another name)
                     self._threshold(torch.Tensor.bool, (t,), {}, t, router, shifted)
-                else:  # (a cast to integers: a ``floor``, its zeros no longer the router's)
-                    self._scored_result(t, router, shifted or not t.is_floating_point(), reduced)
+                elif t.is_floating_point():
+                    self._scored_result(t, router, shifted, reduced)
+                elif not _whole(first):  # (a cast to integers: a ``floor``, its zeros no longer the router's; of whole
+                    self._scored_result(t, router, True, reduced)  # numbers, ids packed beside the weights: none)
             return out
         tensors = _flat(args, kwargs)
         held = [a for a in tensors if _weak_get(self.scored, a) is not None]
@@ -1197,8 +1223,8 @@ class OrphanWatch(TorchFunctionMode):
         router = _weak_get(self.scored, held[0])
         shifted = any(_weak_get(self.shifted, a) for a in held)
         if func in _THRESHOLDS or func in _PATTERNS:  # (at zero of the router's own weights, unshifted: the dispatch
-            if isinstance(out, torch.Tensor):  # mask, ``combine.bool()``; of scores, ``==`` of the row's maximum too)
-                self._threshold(func, args, kwargs, out, router, shifted)
+            if isinstance(out, torch.Tensor) and (shifted or not _id_compare(func, args, kwargs)):  # mask; of scores,
+                self._threshold(func, args, kwargs, out, router, shifted)  # ``==`` of the row's maximum too)
             return out
         if router is not None and first is held[0] and func in _LATER_RANKINGS:
             what = self._later_site(getattr(func, "__name__", "ranking"), router)

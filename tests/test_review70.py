@@ -70,6 +70,8 @@ def _keep(how: str, w: torch.Tensor, weights: torch.Tensor, tok: torch.Tensor, s
         return torch.from_numpy(np.argsort(-w.detach().cpu().numpy())[:cap].copy())
     if how == "argmax":  # (an arg-max by hand: each token's slots of its largest weight)
         return (weights == weights.max(-1, keepdim=True).values)[tok, slot].nonzero().squeeze(-1)[:cap]
+    if how == "bucket":  # (the weights bucketed, those of one bucket kept)
+        return ((w * 4).floor() == 2).nonzero().squeeze(-1)[:cap]
     if how == "hidden":  # (a product into as many columns as the hidden states have)
         return (weights @ torch.eye(K, D))[tok, slot].topk(cap).indices
     assert how == "rows"  # (a Python number per row of a loop over the weights)
@@ -186,6 +188,7 @@ _LINES = {
     "numpy": "return torch.from_numpy(np.argsort(-w.detach().cpu().numpy())",
     "rows": "values = [row.item() for row in w]",
     "argmax": "return (weights == weights.max(-1, keepdim=True).values)[tok, slot].nonzero()",
+    "bucket": "return ((w * 4).floor() == 2).nonzero()",
     "dense": "best = table.topk(cap, dim=0).indices",
     "logits": "tok, slot = ((ids == e) & (logits.gather(1, ids) > 0)).nonzero()",
 }
