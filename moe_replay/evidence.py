@@ -6004,13 +6004,19 @@ def _by_scores(first: _ProbeMode, again: _ProbeMode) -> list[Any]:
     (in either run); the others are made afresh (:data:`_FRESH`). A choice that reads neither (an expert's ``relu``
     of its own hidden units, whose zeros a pooled output keeps) follows the other inputs as the forward does, and a
     replay makes it so too: held at the real inputs' result, its zeros would move with the inputs, not with what
-    the scores choose."""
+    the scores choose. Nor is an underflow guard or a floor held (a cut faint in both runs, see
+    :meth:`_Selection.faint` and :meth:`_Selection.floors`): it chooses no expert, and held at the places the real
+    inputs cut it lets through the zeros it guards on the other inputs (``w / clamp(w.sum(), min=eps)`` made
+    ``0 / 0``, a NaN that a ``.bool()`` mask reads as an expert kept), a difference no replay makes."""
 
     def kept(flags: list[bool], n: int) -> bool:
         return n < len(flags) and flags[n]
 
     return [
-        c if kept(first.scored, n) or kept(first.cuts, n) or kept(again.scored, n) or kept(again.cuts, n) else _FRESH
+        c
+        if (kept(first.scored, n) or kept(first.cuts, n) or kept(again.scored, n) or kept(again.cuts, n))
+        and not (kept(first.faint, n) and kept(again.faint, n))
+        else _FRESH
         for n, c in enumerate(first.choices)
     ]
 
