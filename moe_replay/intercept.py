@@ -481,8 +481,8 @@ def _unread_stamp(scope: nn.Module) -> tuple[Any, ...]:
             if callable(v) and not isinstance(v, nn.Module | torch.Tensor)
         )
         out.extend(len(d) for n in _HOOK_FNS if (d := own.get(n)) is not None)
-        out.append(tuple(m._parameters))
-        out.append(tuple(m._buffers))
+        out.append(tuple(m._parameters.keys()))  # (keys(): a scripted module's tables iterate by no index)
+        out.append(tuple(m._buffers.keys()))
     return tuple(out)
 
 
@@ -534,6 +534,37 @@ def _own_keys(own: dict[str, Any]) -> list[str]:
     if not _MODULE_OWN_TYPES.issuperset(map(type, map(own.__getitem__, standard))):
         keys += sorted(standard)
     return keys
+
+
+def _by_attribute(scope: nn.Module, settings: dict[str, str]) -> dict[str, str]:
+    """``settings`` keyed by the attribute a module of ``scope`` reads (``gate.offset``), where a key names it as the
+    class attribute it falls back to (``Gate.offset``): an instance attribute set since over a class attribute of the
+    same name (``self.forced = None`` over ``forced = None``) is read the same way, and keyed so, compares as the
+    same setting. The instance's own value wins where both are kept."""
+    modules = [("", scope)] + [
+        (f"{name}.", m) for name, m in scope._modules.items() if m is not None and not isinstance(m, _CONTAINERS)
+    ]
+    out: dict[str, str] = {}
+    for key, value in settings.items():
+        owner, _, attr = key.rpartition(".")
+        where = [
+            prefix
+            for prefix, m in modules
+            if owner
+            and any(c.__qualname__ == owner for c in type(m).__mro__)
+            and inspect.getattr_static(type(m), attr, _UNSET_ATTR) is not _UNSET_ATTR
+        ]
+        for prefix in where or [None]:
+            out.setdefault(key if prefix is None else prefix + attr, value)
+    for prefix, m in modules:  # (an instance's own value over the class attribute it shadows)
+        for attr in vars(m):
+            if prefix + attr in settings:
+                out[prefix + attr] = settings[prefix + attr]
+    return out
+
+
+#: (no class attribute of that name, see _by_attribute)
+_UNSET_ATTR = object()
 
 
 def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
@@ -1155,11 +1186,12 @@ class RouterHook:
             return None
         now = _settings_and_held(self.scope)
         own = self._own | _written(self.scope)
-        return tuple(
-            (key, repr(value))
-            for key, value in sorted(now.items())
+        kept = {
+            key: repr(value)
+            for key, value in now.items()
             if key != _HOOKS_KEY and not isinstance(value, HeldStamp | torch.Tensor) and not is_written(key, own)
-        )
+        }
+        return tuple(sorted(_by_attribute(self.scope, kept).items()))
 
     @property
     def reestablishing(self) -> bool:

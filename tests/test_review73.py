@@ -245,3 +245,32 @@ def test_a_temperature_before_the_decision_of_a_remapping_router_changed_between
         with torch.no_grad(), session.replay(routes):
             model(x)
         assert sorted(model.block.ran[-1]) == captured
+
+
+class _ClassShift(nn.Module):
+    """The ids a router hands on, shifted by an offset its code reads as a class attribute until one is set on it."""
+
+    offset = 1
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids + self.offset) % E
+
+
+@pytest.mark.reliability("silent replays")
+def test_an_instance_attribute_set_over_the_class_attribute_it_shadows_is_the_same_setting() -> None:
+    """The remap's offset read from its class at the capture, then set on the instance between the blocks: to the same
+    value, the replay runs the captured experts (a test's hand-forcing sets ``self.forced = None`` over a class
+    ``forced = None`` so); to another, it is refused naming the offset."""
+    model = _Model()
+    model.block.router.remap = _ClassShift()
+    x = _tokens()
+    with mr.attach(model) as session:
+        routes, captured = _captured(model, x, session)
+        model.block.router.remap.offset = 1
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+        assert sorted(model.block.ran[-1]) == captured
+        model.block.router.remap.offset = 2
+        with pytest.raises(mr.SessionStateError, match="offset"):
+            with torch.no_grad(), session.replay(routes):
+                model(x)
