@@ -554,8 +554,8 @@ def _by_attribute(scope: nn.Module, settings: dict[str, str]) -> dict[str, str]:
             and any(c.__qualname__ == owner for c in type(m).__mro__)
             and inspect.getattr_static(type(m), attr, _UNSET_ATTR) is not _UNSET_ATTR
         ]
-        for prefix in where or [None]:
-            out.setdefault(key if prefix is None else prefix + attr, value)
+        for name in [prefix + attr for prefix in where] or [key]:
+            out.setdefault(name, value)
     for prefix, m in modules:  # (an instance's own value over the class attribute it shadows)
         for attr in vars(m):
             if prefix + attr in settings:
