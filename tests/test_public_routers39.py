@@ -583,3 +583,160 @@ def test_lm_engine_moe_with_bincount_split_experts_replays_as_by_hand(
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(8))
     session = assert_exact(LmEngineBlock(top_k, normalized_topk), x, train=train)
     assert session.names == ("mlp_block.gate",), session.names
+
+
+# ----------------------------------------------------------------------- OLMo-core: MoELinearRouter (v1)
+# allenai/OLMo-core src/olmo_core/nn/moe/router.py (``MoERouter``, ``MoELinearRouter``: ``jitter``, ``get_top_k``,
+# ``forward``) with src/olmo_core/ops/moe.py (``batched_histc``): a flat ``[E * d]`` weight viewed as ``[E, d]``,
+# the input jittered in training (``x * (low + rand_like(x) * (high - low))``), fp32 logits, a softmax (or
+# ``sigmoid + 1e-7``) of them; ``get_top_k`` takes ``max(keepdim=True)`` for a top-1, ``torch.topk`` otherwise, or,
+# with ``bias_gamma`` (DeepSeek-V3's auxiliary-loss-free balancing), the top-k of ``scores + score_bias`` (a buffer
+# the trainer's ``post_batch`` moves) under ``no_grad`` and the unbiased scores gathered; an optional p-norm
+# normalisation of the weights; the ids counted per expert by ``scatter_add_`` under ``no_grad``. (The auxiliary
+# losses, off by default, are left off; the experts stand in for its grouped-GEMM MLP with a loop over them.)
+def _olmo_batched_histc(x: torch.Tensor, num_classes: int) -> torch.Tensor:
+    hist = torch.zeros((*x.shape[:-1], num_classes), dtype=x.dtype, device=x.device)
+    ones = torch.ones_like(x)
+    hist.scatter_add_(-1, x, ones)
+    return hist
+
+
+class OlmoMoELinearRouter(_Used):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        jitter_eps: float | None,
+        bias_gamma: float | None,
+        gating_function: str,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.jitter_eps = jitter_eps
+        self.normalize_expert_weights: float | None = None
+        self.bias_gamma = bias_gamma
+        self.gating_function = gating_function
+        if self.bias_gamma is not None:
+            # (zeros upstream, moved by ``post_batch`` in training: a bias as it stands after some batches)
+            self.register_buffer("score_bias", torch.linspace(-0.05, 0.05, num_experts))
+        else:
+            self.register_buffer("score_bias", None)
+        self.weight = nn.Parameter(torch.empty(self.num_experts * self.d_model))
+        nn.init.trunc_normal_(self.weight, std=0.3, a=-0.9, b=0.9)
+
+    def jitter(self, x: torch.Tensor) -> torch.Tensor:
+        if self.jitter_eps is None or not self.training:
+            return x
+        low = 1.0 - self.jitter_eps
+        high = 1.0 + self.jitter_eps
+        noise = torch.rand_like(x)
+        return x * (low + noise * (high - low))
+
+    def get_top_k(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bias_gamma is None:
+            if self.top_k == 1:
+                expert_weights, expert_indices = scores.max(dim=-1, keepdim=True)
+            else:
+                expert_weights, expert_indices = torch.topk(scores, self.top_k, dim=-1)
+            if self.forced is not None:
+                expert_indices = self.forced.view(expert_indices.shape)
+                expert_weights = scores.gather(-1, expert_indices)
+        else:
+            assert self.score_bias is not None
+            with torch.no_grad():
+                _, expert_indices = torch.topk(scores + self.score_bias.unsqueeze(0), self.top_k, dim=-1)
+            if self.forced is not None:
+                expert_indices = self.forced.view(expert_indices.shape)
+            expert_weights = scores.gather(-1, expert_indices)
+        self.used = expert_indices.reshape(-1, self.top_k)
+        return expert_weights, expert_indices
+
+    def get_expert_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.view(self.num_experts, self.d_model).float())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.jitter(x)
+        logits = self.get_expert_logits(x).float()
+        if self.gating_function == "softmax":
+            scores = logits.softmax(dim=-1)
+        elif self.gating_function == "sigmoid":
+            scores = F.sigmoid(logits) + 1e-7
+        else:
+            raise NotImplementedError(self.gating_function)
+        expert_weights, expert_indices = self.get_top_k(scores)
+        if self.normalize_expert_weights is not None:
+            expert_weights = expert_weights.div(
+                torch.norm(expert_weights, p=self.normalize_expert_weights, dim=-1, keepdim=True)
+            )
+        with torch.no_grad():
+            batched_batch_size_per_expert = _olmo_batched_histc(expert_indices, self.num_experts)
+            batched_batch_size_per_expert = batched_batch_size_per_expert.sum(dim=1)
+            batch_size_per_expert = batched_batch_size_per_expert.sum(dim=0)
+        return expert_weights, expert_indices, batch_size_per_expert
+
+
+class OlmoMoEMLP(nn.Module):
+    """Stacked ``[E, d, h]`` / ``[E, h, d]`` SwiGLU experts, run by a loop over the experts on their rows."""
+
+    def __init__(self, d_model: int, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(num_experts, d_model, hidden_size) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(num_experts, hidden_size, d_model) * 0.2)
+        self.w3 = nn.Parameter(torch.randn(num_experts, d_model, hidden_size) * 0.2)
+
+    def forward(self, x: torch.Tensor, expert_weights: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:
+        x, w, idx = x.view(-1, x.shape[-1]), expert_weights.flatten(0, -2), expert_indices.flatten(0, -2)
+        out = torch.zeros_like(x)
+        for e in range(self.w1.shape[0]):
+            rows, slots = torch.where(idx == e)
+            h = F.silu(x[rows] @ self.w1[e]) * (x[rows] @ self.w3[e])
+            out.index_add_(0, rows, (h @ self.w2[e]) * w[rows, slots, None].to(x.dtype))
+        return out
+
+
+class OlmoMoEBlock(nn.Module):
+    """OLMo-core's ``MoEBase.forward`` in a residual block, attention left out: the router's weights, ids and
+    counts, the experts run by them."""
+
+    def __init__(self, top_k: int, jitter_eps: float | None, bias_gamma: float | None, gating_function: str) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.feed_forward_norm = nn.LayerNorm(16)
+            self.router = OlmoMoELinearRouter(
+                d_model=16,
+                num_experts=4,
+                top_k=top_k,
+                jitter_eps=jitter_eps,
+                bias_gamma=bias_gamma,
+                gating_function=gating_function,
+            )
+            self.experts = OlmoMoEMLP(16, 24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.feed_forward_norm(x)
+        expert_weights, expert_indices, _ = self.router(h)
+        return x + self.experts(h, expert_weights, expert_indices).view_as(x)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("top_k", "jitter_eps", "bias_gamma", "gating_function", "train"),
+    [(2, 0.1, 1e-4, "softmax", True), (1, None, None, "sigmoid", False)],
+    ids=["score-bias-jitter-train", "sigmoid-max-eval"],
+)
+def test_olmo_core_linear_router_replays_as_by_hand(
+    top_k: int, jitter_eps: float | None, bias_gamma: float | None, gating_function: str, train: bool
+) -> None:
+    """OLMo-core's ``MoELinearRouter`` (v1): a flat weight viewed as ``[E, d]``; in training its input jittered and a
+    top-2 of the softmax scores plus a score-bias buffer under ``no_grad``, the unbiased scores gathered; or a top-1
+    by ``max(keepdim=True)`` of ``sigmoid + 1e-7``; the ids counted by ``scatter_add_``. Found with zero
+    configuration; the recorded rows are the experts each token ran, and a replay after the router changes forces
+    them, in output and gradients as by hand."""
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(10))
+    session = assert_exact(OlmoMoEBlock(top_k, jitter_eps, bias_gamma, gating_function), x, train=train)
+    assert session.names == ("router",), session.names
