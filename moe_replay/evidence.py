@@ -3691,6 +3691,8 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     a run that waits, its process descheduled on a loaded machine or its thread waiting on a device, is not stopped for
     the time it waited (a stop there made a router whose probe ran slow under load look like one that loops, and
     refused it), up to :data:`_WAITING_FACTOR` times ``seconds`` of wall time.
+
+    A stop fired at a run leaves nothing set once the run ended (see :func:`_take_back`).
     """
     if seconds is None or _SET_ASYNC_EXC is None:
         return fn(*args, **kwargs)
@@ -3708,19 +3710,71 @@ def _within(seconds: float | None, fn: Callable[..., Any], *args: Any, **kwargs:
     except _Overtime:  # (raised as the inner handler began)
         over = True
     finally:
+        fired = False
         while True:  # disarm; a stop raised while disarming is the one fired, taken here
             try:
                 arm.lock.acquire()
-                arm.done = True
-                if arm.fired:  # (set, not raised yet: taken back)
-                    _SET_ASYNC_EXC(ctypes.c_ulong(arm.thread), None)
+                arm.done = True  # (no stop is fired after this)
+                fired = arm.fired
                 _release_all(arm.lock)
                 break
             except _Overtime:
                 over = True
+        while fired:  # (one may be set, not raised yet: taken back)
+            try:
+                over = _take_back(arm.thread) or over
+                fired = False
+            except _Overtime:  # (raised as it was called)
+                over = True
     if over:
         raise ProbeTimeout(f"a probe run on other inputs still ran after {seconds:.1f} s")
     raise AssertionError("unreachable")
+
+
+class _Disarmed(BaseException):
+    """Set by a run's own thread for itself in place of a stop fired at it that may not be raised yet, and taken at
+    once (see :func:`_take_back`): never seen outside it."""
+
+
+def _land() -> None:
+    """Nothing: a call, at whose start the thread raises the exception set for it from outside."""
+
+
+#: How many times :func:`_take_back` sets its exception and calls :func:`_land` (CPython raises it at the first call).
+_TAKE_BACK_TRIES = 8
+_LAND_CALLS = 64
+
+
+def _take_back(thread: int) -> bool:
+    """Take back, in ``thread`` (this one: a run that ended, disarmed), a stop the watchdog fired at it; returns
+    whether a stop was raised here first (the run is then one that timed out).
+
+    The stop, raised or not yet, is replaced by :class:`_Disarmed`, which is raised at the next call and taken. Not
+    by setting the pending exception to none: CPython (3.11 at least) then leaves the interpreter's signal that one
+    is pending set, cleared only where one is raised, and while it is set each call in a thread that runs a trace
+    function (a debugger, a coverage tool) loops at its first instruction for ever, and every other thread checks for
+    pending work at each call and loop. Where the exception is never raised here, it is set to none after all."""
+    over = False
+    interrupted: BaseException | None = None
+    tries = 0
+    while True:
+        try:
+            while tries < _TAKE_BACK_TRIES:
+                tries += 1
+                _SET_ASYNC_EXC(ctypes.c_ulong(thread), ctypes.py_object(_Disarmed))
+                for _ in range(_LAND_CALLS):
+                    _land()
+            _SET_ASYNC_EXC(ctypes.c_ulong(thread), None)  # (never raised: nothing is left to land elsewhere)
+            break
+        except _Disarmed:
+            break
+        except _Overtime:  # (raised just before it was replaced: replaced again)
+            over = True
+        except BaseException as e:  # (a KeyboardInterrupt raised first: raised once the stop is taken back)
+            interrupted = e
+    if interrupted is not None:
+        raise interrupted
+    return over
 
 
 class _Armed:
@@ -3783,6 +3837,9 @@ def _cpu_time(clock: int | None) -> float:
 #: The queue of the process's watchdog thread (see :func:`_watchdog`), None until a limited run first needs it, and
 #: again in a process forked since (the thread is not forked with it).
 _WATCHED: queue.SimpleQueue[_Armed] | None = None
+#: The watchdog thread, and the runs it was handed, by deadline (kept here: a thread started again takes them over).
+_WATCHER: threading.Thread | None = None
+_DUE: list[tuple[float, int, _Armed]] = []
 _WATCHDOG_START = threading.Lock()
 #: How often a stop is raised again while a run still runs past its deadline.
 _AGAIN_SECONDS = 0.25
@@ -3790,56 +3847,82 @@ _AGAIN_SECONDS = 0.25
 
 def _watchdog() -> queue.SimpleQueue[_Armed]:
     """The queue through which :func:`_within` hands its runs to the one watchdog thread of the process (started
-    at its first use): at each run's deadline, unless it ended, the thread raises :class:`_Overtime` in the run's
-    thread, then again every :data:`_AGAIN_SECONDS` until it ends."""
-    global _WATCHED
-    watched = _WATCHED
-    if watched is not None:
+    at its first use, and again where it was found ended): at each run's deadline, unless it ended, the thread raises
+    :class:`_Overtime` in the run's thread, then again every :data:`_AGAIN_SECONDS` until it ends."""
+    global _WATCHED, _WATCHER
+    watched, watcher = _WATCHED, _WATCHER
+    if watched is not None and watcher is not None and watcher.is_alive():
         return watched
     with _WATCHDOG_START:  # (before the run is armed: no stop can land here)
         if _WATCHED is None:
-            made: queue.SimpleQueue[_Armed] = queue.SimpleQueue()
-            threading.Thread(target=_watch, args=(made,), name="moe_replay probe limit", daemon=True).start()
-            _WATCHED = made
+            _WATCHED = queue.SimpleQueue()
+        if _WATCHER is None or not _WATCHER.is_alive():
+            thread = threading.Thread(target=_watch, args=(_WATCHED, _DUE), name="moe_replay probe limit", daemon=True)
+            thread.start()
+            _WATCHER = thread
         return _WATCHED
 
 
-def _watch(armed: queue.SimpleQueue[_Armed]) -> None:
-    """The watchdog thread's loop: the runs handed to it, by deadline; each stopped at its deadline unless done."""
-    due: list[tuple[float, int, _Armed]] = []
-    order = itertools.count()
+def _watch(armed: queue.SimpleQueue[_Armed], due: list[tuple[float, int, _Armed]]) -> None:
+    """The watchdog thread's loop: the runs handed to it, by deadline (``due``); each stopped at its deadline unless
+    done. Nothing ends it: a run whose judging raised is stopped as one past its limit (never left unlimited), and
+    an exception raised in the loop itself (one set for this thread from outside) is dropped."""
+    order = itertools.count(len(due))
     while True:
-        wait = None if not due else max(0.0, due[0][0] - time.monotonic())
         try:
-            arm = armed.get(timeout=wait)
-        except queue.Empty:
-            pass
-        else:
-            heapq.heappush(due, (arm.deadline, next(order), arm))
+            _watch_once(armed, due, order)
+        except BaseException:  # (the thread must outlive anything; each run's state is in ``due``)
             continue
-        now = time.monotonic()
-        while due and due[0][0] <= now:
-            _, _, arm = heapq.heappop(due)
-            with arm.lock:
-                if arm.done:
-                    continue
-                more = arm.waited(now)
-                if more > 0.0:  # (it waited more than it ran: given the time it has left)
-                    heapq.heappush(due, (now + more, next(order), arm))
-                    continue
-                if not arm.owner.is_alive():  # (ended without disarming: its id may be reused, no stop is sent)
-                    arm.done = True
-                    continue
-                arm.fired = True
-                if not _SET_ASYNC_EXC(ctypes.c_ulong(arm.thread), ctypes.py_object(_Overtime)):
-                    arm.done = True  # (no such thread any more)
-                    continue
-            heapq.heappush(due, (now + _AGAIN_SECONDS, next(order), arm))
+
+
+def _watch_once(armed: queue.SimpleQueue[_Armed], due: list[tuple[float, int, _Armed]], order: Iterator[int]) -> None:
+    """One turn of :func:`_watch`: wait for the next run handed over or the next deadline, then stop every run due."""
+    wait = None if not due else max(0.0, due[0][0] - time.monotonic())
+    try:
+        arm = armed.get(timeout=wait)
+    except queue.Empty:
+        pass
+    else:
+        heapq.heappush(due, (arm.deadline, next(order), arm))
+        return
+    now = time.monotonic()
+    while due and due[0][0] <= now:
+        arm = due[0][2]
+        with arm.lock:
+            try:
+                again = _judged(arm, now)
+            except Exception:  # (stopping it failed: tried again later, the loop never spinning on it)
+                again = now + _AGAIN_SECONDS
+            if again is None:
+                heapq.heappop(due)
+            else:  # (popped only once judged: a fault while judging leaves it due)
+                heapq.heapreplace(due, (again, next(order), arm))
+
+
+def _judged(arm: _Armed, now: float) -> float | None:
+    """Under ``arm``'s lock, at its deadline: when to look at it again, None where it is done with. A run that waited
+    more than it ran is given the time it has left; one past its limit is stopped (also where judging it failed)."""
+    if arm.done:
+        return None
+    try:
+        more = arm.waited(now)
+    except Exception:  # (judged past its limit: a run is never left unlimited)
+        more = 0.0
+    if more > 0.0:
+        return now + more
+    if not arm.owner.is_alive():  # (ended without disarming: its id may be reused, no stop is sent)
+        arm.done = True
+        return None
+    arm.fired = True
+    if not _SET_ASYNC_EXC(ctypes.c_ulong(arm.thread), ctypes.py_object(_Overtime)):
+        arm.done = True  # (no such thread any more)
+        return None
+    return now + _AGAIN_SECONDS
 
 
 def _forget_watchdog() -> None:
-    global _WATCHED, _WATCHDOG_START
-    _WATCHED = None
+    global _WATCHED, _WATCHER, _DUE, _WATCHDOG_START
+    _WATCHED, _WATCHER, _DUE = None, None, []
     _WATCHDOG_START = threading.Lock()  # (a lock another thread held as the process forked stays held in the child)
 
 
