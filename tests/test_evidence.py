@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 import types
 import weakref
 from collections.abc import Callable
@@ -2371,7 +2372,10 @@ def test_a_stop_that_lands_anywhere_in_a_probe_runs_way_out_hangs_nothing() -> N
         thread = threading.Thread(target=run, args=(at, ended), daemon=True)
         thread.start()
         thread.join(60.0)  # (a hang never ends; a run on a loaded machine may take seconds)
-        assert not thread.is_alive(), f"a stop raised at step {at} of the way out hung the run"
+        if thread.is_alive():  # (every thread's stack: where the run waits or loops, and where the watchdog is)
+            frames = sys._current_frames().items()
+            stacks = "\n".join(f"thread {i}:\n{''.join(traceback.format_stack(f))}" for i, f in frames)
+            pytest.fail(f"a stop raised at step {at} of the way out hung the run\n{stacks}")
         assert ended in (["returned"], ["timed out"])
 
     def spin() -> None:  # (a loop in Python that would run for a minute)
