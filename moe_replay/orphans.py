@@ -72,8 +72,9 @@ dimensions, or else the first integer input's): a mask of the experts each token
 A choice can also be made after the router's, by the block that holds it: a capacity drop by a top-k of the weights the
 router returned (per expert, over its tokens), a sort of them, a threshold on them. The routes carry the router's
 choice, not this one, and a replay would make it again from the current scores. So the floating tensors an attached
-router's scope returns (one holding no experts; nor whole numbers only: tokens counted per expert, ids cast to floats)
-are followed through the calls that pick, view, cast or scale them, join them with others (``cat``, ``stack``, ``pad``),
+router's scope returns (one holding no experts; nor whole numbers only: tokens counted per expert, ids cast to floats;
+scores made whole since, a ``round`` cast to integers, are scores still) are followed through the calls that pick,
+view, copy (``copy_``, ``new_tensor``), cast or scale them, join them with others (``cat``, ``stack``, ``pad``),
 scatter them into a dense table (a combine tensor), reduce them (a token's total weight, an expert's load), map them
 elementwise (``exp``, ``log``, any other call keeping their shape) or multiply them into no more entries (``w @ M``, an
 ``einsum``, or a dense table over a bank's experts; not a product into the hidden states' width, a combine of the
@@ -81,7 +82,8 @@ experts' outputs, nor an elementwise product with anything larger), and in a mod
 (or one holding a router below it; not the model's own forward, whose top-k of all router logits feeds an auxiliary
 loss) a ranking of them is refused as made (of a statistic over the tokens, only where its indices are read); a ``max``
 or ``min`` along a dimension only where a later call reads its indices, and a threshold only where its mask is used
-beyond a count or a mean (a statistic kept aside); ``!=``, ``nonzero`` and ``==`` (of the row's maximum: an arg-max by
+beyond a count or a mean over the tokens or all of it (a statistic kept aside; a count per token of its slots over the
+threshold chooses as the mask does); ``!=``, ``nonzero`` and ``==`` (of the row's maximum: an arg-max by
 hand) are thresholds too. A threshold at zero of the router's own weights is the pattern of the slots its decision
 filled (nonnegative values, no fuller per row than the ids beside them); of raw scores with signs, a dense map fuller
 than the ids (a ReLU of the logits), or values moved off zero since, it is a threshold like any. Their entries made
@@ -367,9 +369,12 @@ _KEEP_ZERO = _tensor_funcs(
 #: only which are no numbers (``isnan``: a guard, no choice by score).
 _FRESH = _tensor_funcs(
     "zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros new_ones new_empty "
-    "new_full new_tensor zero_ fill_ normal_ uniform_ random_ bernoulli_ exponential_ copy_ isnan isinf isfinite "
-    "isposinf isneginf isreal"
+    "new_full zero_ fill_ normal_ uniform_ random_ bernoulli_ exponential_ isnan isinf isfinite isposinf isneginf "
+    "isreal"
 )
+#: Calls whose result holds the values of their second argument, not of their first (``buffer.copy_(weights)``,
+#: ``weights.new_tensor(values)``): it holds such values only where that argument does.
+_COPIES = {torch.Tensor.copy_: "src", torch.Tensor.new_tensor: "data"}
 #: Calls whose result, of such values, is where they are not zero (``nonzero``, ``!= 0``) or compares them (``==``
 #: the row's ``amax``): thresholds too, at zero where given the number 0 (see :func:`_at_zero`).
 _PATTERNS = _tensor_funcs("nonzero argwhere ne eq not_equal __ne__ __eq__")
@@ -837,6 +842,10 @@ class OrphanWatch(TorchFunctionMode):
         #: masks of a threshold on such values, and indices of an extreme of them, outside every router: what they are
         #: reported as once a later call reads them (see :meth:`_later`)
         self.later: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        #: those of :attr:`scored` that hold the router's own values, only picked, viewed or cast since (no value
+        #: computed from them): where whole numbers, ids it packed beside its weights, not scores made whole (a
+        #: ``round`` or ``floor`` of them, which still rank as the scores do)
+        self.raw: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
         #: those of :attr:`scored` that are a statistic of them all (a sum, a mean, an auxiliary loss: one number),
         #: which may be made a Python number (logged) without choosing anything
         self.reduced: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
@@ -1155,6 +1164,7 @@ class OrphanWatch(TorchFunctionMode):
         for t in tensors:
             if t.is_floating_point() and t.dim() >= 1 and not _whole(t):  # (not counts, nor ids cast to floats)
                 _weak_put(self.scored, t, name)
+                _weak_put(self.raw, t, True)
                 if not _slot_pattern(t, ints):  # (its zeros are not the unfilled slots: a threshold at zero chooses)
                     _weak_put(self.shifted, t, True)
 
@@ -1182,7 +1192,11 @@ class OrphanWatch(TorchFunctionMode):
         first = _arg(args, kwargs, 0, "input")
         if self.later:
             held = _weak_get(self.later, first)
-            if held is not None and (func in _CARRIES or func in _LOGICAL):
+            if held is not None and (
+                func in _CARRIES
+                or func in _LOGICAL
+                or (func in _STATISTICS and not self._statistic(first, args, kwargs))
+            ):  # (a count or a mean per token, of slots over a threshold: ranked or picked by, it chooses as the mask)
                 for t in _tensors(out, 1):
                     _weak_put(self.later, t, held)
             elif held is None and func not in _STATISTICS:
@@ -1198,7 +1212,7 @@ class OrphanWatch(TorchFunctionMode):
             rows = tuple(out)
             shifted, reduced = bool(_weak_get(self.shifted, first)), bool(_weak_get(self.reduced, first))
             for t in rows:
-                self._scored_result(t, router, shifted, reduced)
+                self._scored_result(t, router, shifted, reduced, bool(_weak_get(self.raw, first)))
             return iter(rows)
         if router is not None and func in _CONVERSIONS:
             if not _weak_get(self.reduced, first):
@@ -1208,16 +1222,25 @@ class OrphanWatch(TorchFunctionMode):
             return out
         if router is not None and func in _CARRIES:
             shifted, reduced = bool(_weak_get(self.shifted, first)), bool(_weak_get(self.reduced, first))
+            raw = bool(_weak_get(self.raw, first))
             for t in _tensors(out, 1):
                 if t.dtype == torch.bool:  # (``.to(torch.bool)``: ``bool()`` by another name)
                     self._threshold(torch.Tensor.bool, (t,), {}, t, router, shifted)
                 elif t.is_floating_point():
-                    self._scored_result(t, router, shifted, reduced)
-                elif not _whole(first):  # (a cast to integers: a ``floor``, its zeros no longer the router's; of whole
-                    self._scored_result(t, router, True, reduced)  # numbers, ids packed beside the weights: none)
+                    self._scored_result(t, router, shifted, reduced, raw)
+                elif not (raw and _whole(first)):  # (a cast to integers: a ``floor``, its zeros no longer the router's;
+                    self._scored_result(t, router, True, reduced)  # of whole numbers it returned, ids packed beside
+                    # the weights: none; of scores made whole, a ``round``, still their ranking)
             return out
         tensors = _flat(args, kwargs)
         held = [a for a in tensors if _weak_get(self.scored, a) is not None]
+        if func in _COPIES:  # (the values copied, not those of the tensor copied into or taken as a template)
+            source = _arg(args, kwargs, 1, _COPIES[func])
+            router = _weak_get(self.scored, source)
+            if router is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
+                flags = (_weak_get(self.shifted, source), _weak_get(self.reduced, source), _weak_get(self.raw, source))
+                self._scored_result(out, router, *map(bool, flags))
+            return out
         if not held or func in _FRESH:
             return out
         router = _weak_get(self.scored, held[0])
@@ -1253,8 +1276,9 @@ class OrphanWatch(TorchFunctionMode):
         largest = max(a.numel() for a in held)
         if results and func in _GATHERS:  # (summed into fewer bins, as an expert's load is: a statistic of them)
             binned = func in _BINNING and all(t.numel() < largest for t in results)
+            raw = func not in _BINNING and all(_weak_get(self.raw, a) for a in held)  # (moved, not computed)
             for t in results:
-                self._scored_result(t, router, shifted, binned)
+                self._scored_result(t, router, shifted, binned, raw)
         elif results and func in _HISTOGRAMS:
             for t in results:
                 self._scored_result(t, router, True, True)
@@ -1282,6 +1306,11 @@ class OrphanWatch(TorchFunctionMode):
             self._derived(func, args, kwargs, out, held)
         return out
 
+    def _statistic(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Is this call of :data:`_STATISTICS` of ``x`` (a threshold's mask, an extreme's indices) a statistic kept
+        aside: over all of it, or over every dimension known to be the input's (tokens), not a count per token?"""
+        return x.dim() <= 1 or _arg(args, kwargs, 1, "dim") is None or self._over_tokens(x, args, kwargs)
+
     def _over_tokens(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Does this reduction of ``x`` (its ``dim`` the second argument) run over every dimension of ``x`` known to be
         the input's (its tokens)? Its result is then a statistic over the tokens (an expert's load, its mean weight),
@@ -1296,10 +1325,12 @@ class OrphanWatch(TorchFunctionMode):
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         return all(type(d) is int for d in dims) and data <= {d % x.dim() for d in dims}
 
-    def _scored_result(self, t: torch.Tensor, router: str, shifted: bool, reduced: bool) -> None:
+    def _scored_result(self, t: torch.Tensor, router: str, shifted: bool, reduced: bool, raw: bool = False) -> None:
         """Note ``t`` as holding the values the attached router at ``router`` returned (:attr:`scored`), its zeros
-        moved off the router's (:attr:`shifted`) and a statistic of them all (:attr:`reduced`) where so."""
+        moved off the router's (:attr:`shifted`), a statistic of them all (:attr:`reduced`) and still the router's own
+        values (:attr:`raw`: only picked, viewed or cast; not made in place by a call that computes) where so."""
         _weak_put(self.scored, t, router)
+        _weak_put(self.raw, t, raw)
         if shifted:
             _weak_put(self.shifted, t, True)
         if reduced:
