@@ -35,6 +35,7 @@ import contextlib
 import copy
 import enum
 import functools
+import hashlib
 import inspect
 import operator
 import sys
@@ -561,6 +562,24 @@ def _by_attribute(scope: nn.Module, settings: dict[str, str]) -> dict[str, str]:
             if prefix + attr in settings:
                 out[prefix + attr] = settings[prefix + attr]
     return out
+
+
+def _held_values(stamp: HeldStamp) -> str | None:
+    """The values of the tensor of integers or booleans ``stamp`` stands for, in words that compare as they do and
+    survive a file (its shape and dtype, and its entries where few, else a digest of them); None where it is gone or
+    has no values to read (meta, fake). Read at block boundaries, outside the forwards."""
+    tensor = stamp.ref()
+    if tensor is None or tensor.is_meta:
+        return None
+    try:
+        with _torch_compat.NO_TORCH_FUNCTION():
+            flat = tensor.detach().reshape(-1).cpu()
+            head = f"a tensor of {str(flat.dtype).removeprefix('torch.')} {list(tensor.shape)}"
+            if flat.numel() <= 64:
+                return f"{head}: {flat.tolist()}"
+            return f"{head}, digest {hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]}"
+    except (RuntimeError, NotImplementedError, TypeError):  # (a tensor without values: fake, functional)
+        return None
 
 
 #: (no class attribute of that name, see _by_attribute)
@@ -1173,13 +1192,15 @@ class RouterHook:
         indices of its decision call to its caller (see :meth:`_check_returned`): its ids pass through code after the
         decision (a remap by an offset in its code, or in a hook of its modules), which may read them, so the rows
         recorded (the top-k's) name the experts run only under those values. None where every decision in use
-        returns its call's indices as they are (no code after it makes the ids), or none is known yet. Its tensors
-        (weights a training step updates, a held order) and its hooks are left out: they change the scores, or are
-        checked at each forward. What its code (or a hook of its modules) assigns, or a forward of it was seen to
-        change (a count of its calls: see :meth:`_settle`), is its state, not a setting, and is left out too: it
-        moves with every forward, the replay's own as well. Read as a capture ends, outside the forwards.
-        ``always``: the settings now, whatever its decisions return (a replay compares them with those a capture
-        kept)."""
+        returns its call's indices as they are (no code after it makes the ids), or none is known yet. Its floating
+        tensors (weights a training step updates) and its hooks are left out: they change the scores, or are checked
+        at each forward. Its tensors of integers or booleans (a table of the experts each id names, a buffer a
+        placement updates in place) are kept by their values (see :func:`_held_values`): the ids remapped through
+        them name other experts once they are written. What its code (or a hook of its modules) assigns, or a
+        forward of it was seen to change (a count of its calls, in a buffer too: see :meth:`_settle`), is its state,
+        not a setting, and is left out too: it moves with every forward, the replay's own as well. Read as a capture
+        ends, outside the forwards. ``always``: the settings now, whatever its decisions return (a replay compares
+        them with those a capture kept)."""
         if not always and not any(
             (known := self._returned_at.get(ev)) is not None and known[0] is None for ev in self.evidence.values()
         ):
@@ -1191,6 +1212,11 @@ class RouterHook:
             for key, value in now.items()
             if key != _HOOKS_KEY and not isinstance(value, HeldStamp | torch.Tensor) and not is_written(key, own)
         }
+        for key, value in now.items():
+            if isinstance(value, HeldStamp) and not is_written(key, own):
+                values = _held_values(value)
+                if values is not None:
+                    kept[key] = values
         return tuple(sorted(_by_attribute(self.scope, kept).items()))
 
     @property
