@@ -383,8 +383,8 @@ _EQUALITY = _tensor_funcs("ne eq not_equal __ne__ __eq__")
 #: Those of the patterns whose result is where such values are not zero.
 _WHERE_NONZERO = _tensor_funcs("nonzero argwhere")
 #: Rankings of such values outside every router: a later choice by score (a capacity drop by a top-k of the weights,
-#: a sort of them, a top-p), refused as made.
-_LATER_RANKINGS = _tensor_funcs("topk sort argsort msort kthvalue argmax argmin")
+#: a sort of them, a top-p; ``unique``, whose inverse indices are their ranks), refused as made.
+_LATER_RANKINGS = _tensor_funcs("topk sort argsort msort kthvalue argmax argmin unique unique_consecutive")
 #: Extremes along a dimension, whose indices are a choice only where used (a ``max`` of the weights logged, or a
 #: stable softmax's, is none): the indices are followed, and refused where a later call reads them.
 _LATER_EXTREMES = _tensor_funcs("max min")
