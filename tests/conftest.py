@@ -6,8 +6,6 @@ import collections
 import copy
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,40 +98,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         worker = os.environ.get("PYTEST_XDIST_WORKER")  # (each xdist worker its own file: the report merges them)
         with open(f"{path}.{worker}" if worker else path, "w") as f:
             json.dump(out, f, indent=1, sort_keys=True)
-
-
-# ----------------------------------------------------------------------------- own process
-# Tests marked ``own_process`` send a real SIGINT from a ``sys.settrace`` tracer at one line of the library. Run
-# after hundreds of other tests in one interpreter they were seen to stall before sending it, in the first call the
-# tracer saw; alone they pass in about a second. They run again in a fresh interpreter, bounded in time, and report
-# here what they did there (a strict xfail's failure and XPASS included).
-_OWN_PROCESS = "MOE_REPLAY_TEST_OWN_PROCESS"
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(_OWN_PROCESS):
-        return None
-    env = {**os.environ, _OWN_PROCESS: "1"}
-    env.pop("MOE_REPLAY_CASES", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid]
-    try:
-        done = subprocess.run(cmd, cwd=pyfuncitem.config.rootpath, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{pyfuncitem.nodeid} did not finish in 300 s in its own process", pytrace=False)
-    out = (done.stdout[-4000:] + done.stderr[-1000:]).strip()
-    # (pytest's summary is the last line of its stdout; a plugin's warning on stderr may come after it)
-    said = done.stdout.strip()
-    last = said.splitlines()[-1] if said else ""
-    if "XPASS" in out:
-        return True  # (a strict xfail that passed there: its marker here reports it)
-    if done.returncode == 0 and "xfailed" in last:
-        raise AssertionError(f"failed in its own process, as its xfail marker expects:\n{out}")
-    if done.returncode == 0 and " passed" in last:
-        return True
-    if done.returncode == 0 and "skipped" in last:
-        pytest.skip(f"skipped in its own process: {last}")
-    pytest.fail(f"failed in its own process:\n{out}", pytrace=False)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

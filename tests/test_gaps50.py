@@ -112,7 +112,6 @@ _WINDOWS = {
 }
 
 
-@pytest.mark.own_process
 @pytest.mark.reliability("lifecycle")
 @pytest.mark.parametrize("window", list(_WINDOWS))
 def test_a_ctrl_c_as_a_capture_block_opens_leaves_the_session_exact(window: str) -> None:
@@ -138,7 +137,6 @@ def _ours(frame: FrameType) -> bool:
     return isinstance(frame.f_locals.get("self"), _DecisionMode)
 
 
-@pytest.mark.own_process
 @pytest.mark.reliability("lifecycle")
 @pytest.mark.parametrize("block", ["capture", "replay"])
 def test_a_ctrl_c_as_a_routers_mode_is_pushed_leaves_no_mode_on_the_stack(block: str) -> None:

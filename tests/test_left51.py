@@ -77,7 +77,6 @@ _FORWARD_LINES = {
 }
 
 
-@pytest.mark.own_process
 @pytest.mark.reliability("lifecycle")
 @pytest.mark.parametrize("window", list(_FORWARD_LINES))
 def test_a_ctrl_c_in_a_routers_forward_leaves_no_watch_no_lean_state(window: str) -> None:
@@ -100,7 +99,6 @@ def test_a_ctrl_c_in_a_routers_forward_leaves_no_watch_no_lean_state(window: str
     assert _hooks_of(model) == hooks
 
 
-@pytest.mark.own_process
 @pytest.mark.reliability("lifecycle")
 @pytest.mark.xfail(
     strict=True,
@@ -138,7 +136,6 @@ def test_a_ctrl_c_in_a_lean_routers_forward_leaves_no_lean_state() -> None:
 _ENTER_LINES = ["value = self._cm.__enter__()", "self._open = True"]
 
 
-@pytest.mark.own_process
 @pytest.mark.reliability("lifecycle")
 @pytest.mark.parametrize("line", _ENTER_LINES)
 def test_a_ctrl_c_as_a_block_is_entered_leaves_no_block_open(line: str) -> None:
