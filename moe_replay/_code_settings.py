@@ -39,6 +39,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import dis
 import enum
 import functools
 import importlib
@@ -48,7 +49,7 @@ import random
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -1008,9 +1009,12 @@ def _class_method(cls: type, fn: types.FunctionType) -> bool:
     return isinstance(attr, types.FunctionType) and _function(attr) is fn
 
 
-def _names_read(fn: types.FunctionType, cls: type | None) -> frozenset[str] | None:
+def _names_read(
+    fn: types.FunctionType, cls: type | None, into: list[types.CodeType] | None = None
+) -> frozenset[str] | None:
     """The names and string constants of ``fn``'s code and of all it reaches (see :func:`attribute_names_read`), its
-    first argument the module where ``cls`` is given (a method of it); None where the reading is not complete."""
+    first argument the module where ``cls`` is given (a method of it); None where the reading is not complete.
+    ``into``: gets every code object read (nested ones too)."""
     names: set[str] = set()
     seen: set[types.CodeType] = set()
     todo: list[tuple[types.FunctionType, type | None, bool]] = [(fn, cls, cls is not None)]
@@ -1037,6 +1041,8 @@ def _names_read(fn: types.FunctionType, cls: type | None) -> frozenset[str] | No
             if me is not None and _escapes(c, me):
                 return None
         names |= mine
+        if into is not None:
+            into.extend(read)
         cells = _Cells(f) if f.__closure__ else None
         for name in sorted(mine | set(top.co_freevars)):
             value = cells.get(name, _MISSING) if cells is not None and name in cells.cells else _MISSING
@@ -1947,3 +1953,214 @@ def _skipped(obj: Any) -> bool:
         where = inspect.getattr_static(obj, "__module__", None)
     root = where.partition(".")[0] if isinstance(where, str) else ""
     return root in _NOT_FOLLOWED
+
+
+def codes_read(module: nn.Module) -> list[types.CodeType] | None:
+    """The code objects ``module``'s forward runs, as :func:`attribute_names_read` reads them (its forward, the
+    methods, properties and functions it reaches, the functions defined in them, and the functions the module holds
+    that its code names), or None where that reading is not complete."""
+    found = attribute_names_read(module)
+    if found is None:
+        return None
+    cls = type(module)
+    forward = module.__dict__.get("forward")
+    fn = _function(forward) if forward is not None else _function(getattr(cls, "forward", None))
+    if fn is None:
+        return None
+    out: list[types.CodeType] = []
+    if _names_read(fn, cls, out) is None:
+        return None
+    own = module.__dict__
+    for name in found & own.keys():
+        value = own[name]
+        if isinstance(value, nn.Module | torch.Tensor) or not callable(value):
+            continue
+        inner = _function(value)
+        if inner is None or _names_read(inner, cls if isinstance(value, types.MethodType) else None, out) is None:
+            return None
+    return out
+
+
+def modules_codes_read(modules: Sequence[nn.Module]) -> list[types.CodeType] | None:
+    """The code objects the forwards of ``modules`` run (see :func:`codes_read`), with the methods, properties and
+    functions of any of their classes that code names (``self.gate.helper()``, a method of a child module called
+    from its parent's forward, reaches code its own forward does not), followed until no more are found; None where
+    the reading of any is not complete."""
+    out: list[types.CodeType] = []
+    read: set[tuple[Any, ...]] = set()
+    for m in modules:
+        # (one of each class read once, where it holds no code of its own: the experts of a block)
+        key = (
+            type(m),
+            *(id(v) for v in vars(m).values() if callable(v) and not isinstance(v, nn.Module | torch.Tensor)),
+        )
+        if key in read:
+            continue
+        read.add(key)
+        found = codes_read(m)
+        if found is None:
+            return None
+        out += found
+    seen = set(out)
+    classes = list(dict.fromkeys(type(m) for m in modules))
+    todo = list(out)
+    while todo:
+        names = {n for code in todo for n in code.co_names}
+        todo = []
+        for cls in classes:
+            for name in sorted(names):
+                attr = _in_class(cls, name)
+                if isinstance(attr, property):
+                    fns = [g for g in (attr.fget, attr.fset) if isinstance(g, types.FunctionType)]
+                else:
+                    inner = (
+                        _function(attr) if isinstance(attr, types.FunctionType | staticmethod | classmethod) else None
+                    )
+                    fns = [inner] if inner is not None else []
+                for fn in fns:
+                    if fn.__code__ in seen or (fn.__module__ or "").startswith("torch."):
+                        continue  # (torch's own: ``nn.Module.float`` reads no setting of the user's by name)
+                    more: list[types.CodeType] = []
+                    if _names_read(fn, cls if isinstance(attr, types.FunctionType | property) else None, more) is None:
+                        return None
+                    fresh = [c for c in more if c not in seen]
+                    seen.update(fresh)
+                    out += fresh
+                    todo += fresh
+                if len(seen) > _READ_BUDGET:
+                    return None
+    return out
+
+
+#: the opcodes that read a value by a name of the code's (an attribute, a global, a closure cell), or write it
+_NAMED_OPS = frozenset(
+    name
+    for name in dis.opmap
+    if name.startswith(("LOAD_", "STORE_", "DELETE_", "IMPORT_"))
+    and "FAST" not in name
+    and name not in ("LOAD_CONST", "LOAD_SMALL_INT", "LOAD_ASSERTION_ERROR", "LOAD_BUILD_CLASS", "LOAD_CLOSURE")
+)
+#: the loads among them: what a read of a setting by name is
+_NAME_LOADS = frozenset(("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL", "LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_NAME"))
+#: opcodes that take nothing from the stack and give nothing to it, or only push values no name of the code's names
+_NO_POPS = frozenset(
+    (
+        "NOP",
+        "RESUME",
+        "CACHE",
+        "PRECALL",
+        "KW_NAMES",
+        "EXTENDED_ARG",
+        "LOAD_FAST",
+        "LOAD_FAST_CHECK",
+        "LOAD_FAST_LOAD_FAST",
+        "LOAD_CONST",
+        "LOAD_SMALL_INT",
+        "LOAD_GLOBAL",
+        "LOAD_DEREF",
+        "LOAD_CLASSDEREF",
+        "LOAD_NAME",
+        "LOAD_CLOSURE",
+        "PUSH_NULL",
+        "COPY_FREE_VARS",
+    )
+)
+#: opcodes that take one value from the stack (and push what :func:`dis.stack_effect` says, one more)
+_ONE_POP = frozenset(
+    (
+        "LOAD_ATTR",
+        "LOAD_METHOD",
+        "UNARY_NEGATIVE",
+        "UNARY_NOT",
+        "UNARY_INVERT",
+        "UNARY_POSITIVE",
+        "POP_TOP",
+        "UNPACK_SEQUENCE",
+        "TO_BOOL",
+    )
+)
+#: opcodes that take two values from the stack and push one: an operator of Python's
+_TWO_POPS = frozenset(("BINARY_OP", "BINARY_SUBSCR", "COMPARE_OP", "IS_OP", "CONTAINS_OP"))
+#: the calls, and how many values besides their arguments each takes: the callable, and a self or a NULL
+_CALLS = {"CALL": 2, "CALL_METHOD": 2, "CALL_FUNCTION": 1, "CALL_FUNCTION_KW": 1, "CALL_KW": 2}
+#: the calls whose arguments end with a tuple of the keywords' names (taken besides the arguments their count says)
+_KW_CALLS = frozenset(("CALL_FUNCTION_KW", "CALL_KW"))
+
+
+def only_into_calls(codes: Sequence[types.CodeType], sites: Mapping[types.CodeType, frozenset[int]], name: str) -> bool:
+    """Does every read of ``name`` (an attribute, a global or a closure cell) in ``codes`` only compute what one of
+    the calls at ``sites`` (a code object, the offsets of its calls there) is handed: its value, or what operators
+    of Python's and methods of it make from it, goes on the stack straight into one of those calls, none of it
+    kept past that call (no local, no other call's argument, no branch or loop on the way)? A decision's top-k
+    whose scores a temperature divides is such a call: the temperature moves the scores alone, which a replay
+    recomputes. False where any read of it is otherwise, or the name is written, or is a string constant (read by
+    ``getattr``), or is read by code not among ``sites``. Read from the bytecode; nothing runs."""
+    return all(_flows_only_into(code, sites.get(code, frozenset()), name) for code in codes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _flows_only_into(code: types.CodeType, offsets: frozenset[int], name: str) -> bool:
+    """:func:`only_into_calls` for one code object (nested ones apart) and the offsets of its calls."""
+    if name in code.co_consts:
+        return False
+    named = name in code.co_names or name in code.co_freevars or name in code.co_cellvars
+    if not named:
+        return True
+    ins = list(dis.get_instructions(code))
+    reads = [j for j, i in enumerate(ins) if i.opname in _NAMED_OPS and i.argval == name]
+    if not offsets and reads:
+        return False
+    return all(ins[j].opname in _NAME_LOADS and _into_call(ins, j, offsets) for j in reads)
+
+
+def _pops(ins: Any) -> int | None:
+    """How many values instruction ``ins`` takes from the stack, where known (see :func:`_into_call`); None else."""
+    op = ins.opname
+    if op in _NO_POPS:
+        return 0
+    if op in _ONE_POP:
+        return 1
+    if op in _TWO_POPS or (op.startswith("BINARY_") and op != "BINARY_SLICE"):
+        return 2
+    if op in ("BUILD_TUPLE", "BUILD_LIST", "BUILD_SET", "BUILD_SLICE"):
+        return int(ins.arg)
+    if op in _CALLS:
+        return int(ins.arg) + _CALLS[op] + (op in _KW_CALLS)
+    return None
+
+
+def _into_call(ins: list[Any], j: int, offsets: frozenset[int]) -> bool:
+    """Does the value instruction ``ins[j]`` loads go on the stack straight into a call at one of ``offsets``, and no
+    further (see :func:`only_into_calls`)? The stack is followed value by value, those derived from it marked,
+    from the load on, in straight-line code: a value derived is one an instruction made that took one."""
+    stack = [False] * 64  # (the values on the stack before the load: none derived from it)
+    for step, i in enumerate(ins[j:]):
+        op = i.opname
+        if step and i.offset in offsets:  # the call handed it: nothing derived may be left below its result
+            pops = _pops(i)
+            if pops is None or pops > len(stack):
+                return False
+            return not any(stack[: len(stack) - pops])
+        if op in ("COPY", "SWAP", "DUP_TOP", "ROT_TWO", "ROT_THREE", "ROT_FOUR"):
+            n = {"DUP_TOP": 1, "ROT_TWO": 2, "ROT_THREE": 3, "ROT_FOUR": 4}.get(op) or int(i.arg)
+            if n > len(stack):
+                return False
+            if op in ("COPY", "DUP_TOP"):
+                stack.append(stack[-n])
+            elif op == "SWAP":
+                stack[-1], stack[-n] = stack[-n], stack[-1]
+            elif any(stack[-n:]):
+                stack[-n:] = [True] * n
+            continue
+        pops = _pops(i)
+        if pops is None or pops > len(stack):
+            return False
+        taken = stack[len(stack) - pops :] if pops else []
+        if op in _CALLS and any(taken[_CALLS[op] :]) and not any(taken[: _CALLS[op]]):
+            return False  # (handed to a call not of a value derived from it: it may keep it)
+        pushes = 1 if op in _CALLS else 0 if op == "PRECALL" else pops + dis.stack_effect(i.opcode, i.arg)
+        del stack[len(stack) - pops :]
+        stack.extend([step == 0 or any(taken)] * pushes)
+        if not any(stack):
+            return True  # (what was derived from it was dropped)
+    return False

@@ -307,6 +307,9 @@ class Call:
         rows: rows (tokens) it chose for in the forward it was seen in.
         where: ``file:line`` of the model code that made it.
         effect: whether changing its indices changed the forward's output (None: not probed).
+        site: the code object of the model code that made it and the offset of the call in it (None: not known),
+            from which the settings its code reads only to compute what it is handed are told apart (see
+            :func:`moe_replay._code_settings.only_into_calls`); not compared.
     """
 
     ordinal: int
@@ -316,6 +319,7 @@ class Call:
     rows: int
     where: str
     effect: bool | None = None
+    site: tuple[types.CodeType, int] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def signature(self) -> tuple[str, int, int]:
@@ -483,6 +487,21 @@ def _where() -> str:
             return f"{model}:{f.f_lineno}"
         f = f.f_back
     return "?"
+
+
+def _site() -> tuple[types.CodeType, int] | None:
+    """The code object of the innermost frame of model code (as :func:`_where` finds it) and the offset of the
+    instruction it runs (the call being made), or None."""
+    f: types.FrameType | None = sys._getframe(2)
+    while f is not None:
+        name = f.f_code.co_filename
+        model = _MODEL_FILES.get(name, _UNREAD)
+        if model is _UNREAD:
+            model = _model_file(name)
+        if model is not None:
+            return f.f_code, f.f_lasti
+        f = f.f_back
+    return None
 
 
 def _model_file(name: str) -> str | None:
@@ -1154,7 +1173,7 @@ class _ProbeMode(TorchFunctionMode):
             return _native(func, args, kwargs)
         i = len(self.calls)
         x = _arg(args, kwargs, 0, "input")
-        self.calls.append(Call(i, *sig, rows=x.numel() // sig[2], where=_where()))
+        self.calls.append(Call(i, *sig, rows=x.numel() // sig[2], where=_where(), site=_site()))
         if self.trace is not None:
             self.squashes.append(self.squashed(x))
         self.ins.append(x)
