@@ -62,6 +62,8 @@ from ._code_settings import (
     hook_written,
     is_setting,
     is_written,
+    modules_codes_read,
+    only_into_calls,
     reads_state,
     settings_in,
     written,
@@ -586,6 +588,31 @@ def _held_values(stamp: HeldStamp) -> str | None:
 _UNSET_ATTR = object()
 
 
+def _setting_name(scope: nn.Module, key: str) -> str | None:
+    """The name the code of ``scope`` reads the setting ``key`` (of :func:`_settings_and_held`) by, where it is
+    read by one name alone: an attribute of the scope or of one of its children (``temperature``,
+    ``gate.temperature``), a global (``package.module.SCALE``), a class attribute of one of their classes
+    (``Gate.offset``) or a closure cell (``<offset>``). None for any other (a value a config object holds, a
+    chain): it may be read otherwise, by code not read here."""
+    parts = key.removesuffix(_HELD_SUFFIX).split(".")
+    name = parts[-1]
+    if len(parts) == 1:
+        return name[1:-1] if name.startswith("<") and name.endswith(">") else name
+    owner = ".".join(parts[:-1])
+    if len(parts) == 2 and isinstance(scope._modules.get(owner), nn.Module):
+        return name
+    if isinstance(sys.modules.get(owner), types.ModuleType):
+        return name
+    for m in scope.modules():
+        if any(c.__qualname__ == owner for c in type(m).__mro__):
+            return name
+    return None
+
+
+#: how :func:`_settings_and_held` names what a module holds that may order its tokens
+_HELD_SUFFIX = " (held)"
+
+
 def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
     """:func:`_fingerprint` of ``scope``, with what its modules hold that may order its tokens (see
     :func:`_held_indices`: a tensor of integers by identity and version, a list of them by its items), keyed
@@ -597,7 +624,7 @@ def _settings_and_held(scope: nn.Module) -> dict[str, Any]:
     for key in unread:  # (a plain value its code never reads: a record kept on it, no setting)
         out.pop(key, None)
     for _, _, name, tensor, value in _held_indices(scope, unread):
-        out[f"{name} (held)"] = HeldStamp(tensor, value) if tensor is not None else value
+        out[f"{name}{_HELD_SUFFIX}"] = HeldStamp(tensor, value) if tensor is not None else value
     out[_HOOKS_KEY] = _user_hooks(scope)
     return out
 
@@ -778,6 +805,11 @@ class RouterHook:
     _looked_up: torch.Tensor | None = None  # what a declared table lookup answered in this forward
     _returns: tuple[Evidence, int | None, type[Any]] | None = None
     _returned_at: dict[Evidence, tuple[int | None, type]] = field(default_factory=dict)  # (shared: see __post_init__)
+    # the decisions in use that a forward of it made not answered by one top-k (an argmax, slots): where it returns
+    # their indices is not learned, so their ids count as passing through code after them (see ids_settings); the
+    # last one added, to add each once by identity
+    _unanswered: set[Evidence] = field(default_factory=set)
+    _unanswered_last: Evidence | None = None
     # per evidence whose forward returned its decision's indices: the forms of output (type, length) holding no
     # integer tensor at all that it also returns, shown to be made from its decision (see _check_returned)
     _bare_forms: set[tuple[Evidence, type, int | None]] = field(default_factory=set)
@@ -1191,18 +1223,22 @@ class RouterHook:
         """The settings of the scope now, ``(key, repr(value))``, where a decision of this router in use returns no
         indices of its decision call to its caller (see :meth:`_check_returned`): its ids pass through code after the
         decision (a remap by an offset in its code, or in a hook of its modules), which may read them, so the rows
-        recorded (the top-k's) name the experts run only under those values. None where every decision in use
-        returns its call's indices as they are (no code after it makes the ids), or none is known yet. Its floating
-        tensors (weights a training step updates) and its hooks are left out: they change the scores, or are checked
-        at each forward. Its tensors of integers or booleans (a table of the experts each id names, a buffer a
-        placement updates in place) are kept by their values (see :func:`_held_values`): the ids remapped through
-        them name other experts once they are written. What its code (or a hook of its modules) assigns, or a
-        forward of it was seen to change (a count of its calls, in a buffer too: see :meth:`_settle`), is its state,
-        not a setting, and is left out too: it moves with every forward, the replay's own as well. Read as a capture
-        ends, outside the forwards. ``always``: the settings now, whatever its decisions return (a replay compares
-        them with those a capture kept)."""
+        recorded (the top-k's) name the experts run only under those values. A decision not answered by one top-k
+        (an ``argmax``, a sort, a pick in slots) is not learned to return its indices as they are, so it counts as
+        such a decision. None where every decision in use returns its call's indices as they are (no code after it
+        makes the ids), or none is known yet. Its floating tensors (weights a training step updates) and its hooks
+        are left out: they change the scores, or are checked at each forward. Its tensors of integers or booleans (a
+        table of the experts each id names, a buffer a placement updates in place) are kept by their values (see
+        :func:`_held_values`): the ids remapped through them name other experts once they are written. What its code
+        (or a hook of its modules) assigns, or a forward of it was seen to change (a count of its calls, in a buffer
+        too: see :meth:`_settle`), is its state, not a setting, and is left out too: it moves with every forward, the
+        replay's own as well. So is a setting read only to compute what its decision calls are handed (a temperature
+        dividing the scores: see :meth:`_read_before`): it moves the scores alone, which a replay recomputes. Read as
+        a capture ends, outside the forwards. ``always``: the settings now, whatever its decisions return (a replay
+        compares them with those a capture kept)."""
         if not always and not any(
-            (known := self._returned_at.get(ev)) is not None and known[0] is None for ev in self.evidence.values()
+            ev in self._unanswered or ((known := self._returned_at.get(ev)) is not None and known[0] is None)
+            for ev in self.evidence.values()
         ):
             return None
         now = _settings_and_held(self.scope)
@@ -1217,7 +1253,38 @@ class RouterHook:
                 values = _held_values(value)
                 if values is not None:
                     kept[key] = values
+        if not always:
+            before = self._read_before(kept)
+            kept = {k: v for k, v in kept.items() if k not in before}
         return tuple(sorted(_by_attribute(self.scope, kept).items()))
+
+    def _read_before(self, settings: dict[str, str]) -> set[str]:
+        """The keys of ``settings`` the code of the scope reads only to compute what its decision calls are handed
+        (see :func:`moe_replay._code_settings.only_into_calls`; the calls as their establishment saw them made): a
+        module's own attribute, a global, a class attribute or a closure cell, each of whose reads in that code goes
+        straight into a decision call. Empty where the code, or that of a hook of the user's on its modules, is not
+        read completely, or a decision call's place in it is not known. A setting read anywhere else (after the
+        decision, in a hook, by a helper it is handed to, or one a config object holds) is kept."""
+        sites: dict[types.CodeType, set[int]] = {}
+        for ev in self.evidence.values():
+            for k in ev.decision:
+                site = ev.calls[k].site
+                if site is None:
+                    return set()
+                sites.setdefault(site[0], set()).add(site[1])
+        hooks = _hook_reads(self.scope)
+        if not sites or not hooks.complete:
+            return set()
+        codes = modules_codes_read([m for m in self.scope.modules() if type(m) not in _PLAIN_CONTAINERS])
+        if codes is None:
+            return set()
+        at = {code: frozenset(offsets) for code, offsets in sites.items()}
+        out: set[str] = set()
+        for key in settings:
+            name = _setting_name(self.scope, key)
+            if name is not None and name not in hooks.names and only_into_calls(codes, at, name):
+                out.add(key)
+        return out
 
     @property
     def reestablishing(self) -> bool:
@@ -2019,6 +2086,9 @@ class RouterHook:
         answered, self._answered = self._answered, None
         if answered is None:  # (a decision not answered by one top-k, an argmax say: where it returns them is not
             # learned, nor are its returned indices compared, so with twins it shows no switch among them)
+            if self._unanswered_last is not ev:  # (its ids count as passing through code after it: see ids_settings)
+                self._unanswered.add(ev)
+                self._unanswered_last = ev
             if ev.twins and ev not in self._returned_at:
                 self._returned_at[ev] = (None, type(out))
             return

@@ -400,7 +400,8 @@ def test_a_forwards_prints_counts_and_globals_the_user_sets_are_as_without_a_ses
                 model(x)
             routes = session.routes()
             # (replayed under the value captured: a block that is its own router's scope returns no ids, so the
-            # settings its routes keep are compared at replay, and another value there is refused; see Known gaps)
+            # settings its routes keep are compared at replay; this global is read after its top-k too, as the
+            # experts' input is scaled by it, so another value there is refused)
             with session.replay(routes), torch.no_grad():
                 model(x)
             _SCALE = 1.0

@@ -191,11 +191,6 @@ class _ArgmaxShift(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a decision not answered by one top-k (an argmax) is not learned to reach its caller through code after "
-    "it, so its routes keep no settings, and a remap changed between the blocks forces the rows onto other experts",
-)
 def test_a_remap_after_an_argmax_changed_between_capture_and_replay_is_refused_or_exact() -> None:
     """The argmax router's offset changed between the capture and the replay block: the replay runs the captured
     experts on the captured tokens, or is refused."""
@@ -228,11 +223,6 @@ class _TempShift(nn.Module):
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    reason="every setting of a router whose ids pass through code after its decision is compared at replay, not only "
-    "those that code reads: a temperature read before the top-k, changed between the blocks, is refused",
-)
 def test_a_temperature_before_the_decision_of_a_remapping_router_changed_between_blocks_replays() -> None:
     """The shifting router's temperature (read before its top-k: it moves the scores alone) changed between the
     capture and the replay block, the offset kept: the replay runs the captured experts on the captured tokens."""
