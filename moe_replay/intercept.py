@@ -805,9 +805,9 @@ class RouterHook:
     _looked_up: torch.Tensor | None = None  # what a declared table lookup answered in this forward
     _returns: tuple[Evidence, int | None, type[Any]] | None = None
     _returned_at: dict[Evidence, tuple[int | None, type]] = field(default_factory=dict)  # (shared: see __post_init__)
-    # the decisions in use that a forward of it made not answered by one top-k (an argmax, slots): where it returns
-    # their indices is not learned, so their ids count as passing through code after them (see ids_settings); the
-    # last one added, to add each once by identity
+    # the decisions in use that a captured forward of it made not answered by one top-k (an argmax, slots): where it
+    # returns their indices is not learned, so their ids count as passing through code after them (see ids_settings);
+    # the last one added, to add each once by identity
     _unanswered: set[Evidence] = field(default_factory=set)
     _unanswered_last: Evidence | None = None
     # per evidence whose forward returned its decision's indices: the forms of output (type, length) holding no
@@ -2086,7 +2086,8 @@ class RouterHook:
         answered, self._answered = self._answered, None
         if answered is None:  # (a decision not answered by one top-k, an argmax say: where it returns them is not
             # learned, nor are its returned indices compared, so with twins it shows no switch among them)
-            if self._unanswered_last is not ev:  # (its ids count as passing through code after it: see ids_settings)
+            if self.capturing and self._unanswered_last is not ev:  # (its ids count as passing through code after
+                # it, in what a capture keeps: see ids_settings)
                 self._unanswered.add(ev)
                 self._unanswered_last = ev
             if ev.twins and ev not in self._returned_at:
