@@ -30,6 +30,11 @@ class _UsageError(Exception):
     """A command-line argument that names nothing usable; printed as ``error: ...``."""
 
 
+class _OptionError(_UsageError):
+    """An option refused for the model it is given with (``--seed`` of a checkpoint directory, ``--layers`` past what
+    a reference model may hold): exit status 2, as an option argparse refuses."""
+
+
 def _device(name: str) -> torch.device:
     """The torch device ``--device`` names, checked to be usable here."""
     try:
@@ -148,7 +153,7 @@ def load_model(target: str, *, seed: int | None = None, layers: int | None = Non
     if _hf.is_checkpoint_dir(target) and target not in models.STYLES:
         given = [f"--{name} {value}" for name, value in (("seed", seed), ("layers", layers)) if value is not None]
         if given:
-            raise _UsageError(
+            raise _OptionError(
                 f"{' and '.join(given)} {'shape' if len(given) > 1 else 'shapes'} a random model, but {target} is a "
                 "checkpoint directory, loaded with "
                 "the weights and layers it was saved with: leave them out"
@@ -208,7 +213,7 @@ def _too_big(e: InvalidArgumentError, option: str) -> Exception:
     size = str(e).split(": use smaller sizes", 1)
     if len(size) != 2:
         return e
-    return _UsageError(f"{option}: {size[0]}; ask for fewer {option.split()[0]}")
+    return _OptionError(f"{option}: {size[0]}; ask for fewer {option.split()[0]}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -369,8 +374,10 @@ Columns: router (module path), class, E (experts), k (experts per token), and ho
 decision call is intercepted. Routers marked 'refused' make attach() raise.
 
 The exit status is 0 when the table is printed (and --verify ran every router), 1 when
-the model cannot be loaded, attach() refuses the options given, or --verify could not
-run because attach() refuses some router, and 2 for an option that is not valid."""
+the model cannot be loaded or attach() refuses it (--verify could not run because attach()
+refuses some router), and 2 for an option that is not valid or that this model refuses
+(--top-k over its experts, an --include that matches nothing, --seed of a checkpoint),
+as the same command without that option runs."""
 
 
 def _positive(text: str) -> int:
@@ -515,12 +522,27 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         )
     except (_UsageError, MoEReplayError, ImportError) as e:
         print(f"error: {_as_options(str(e))}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, _OptionError) or _refused_for_options(args, e) else 1
     print(table)
     if refused:  # (the check asked for did not run: not a success a script may take for one)
         print(f"error: {refused}", file=sys.stderr)
         return 1
     return 0
+
+
+def _refused_for_options(args: argparse.Namespace, error: BaseException) -> bool:
+    """Whether ``error``, raised by ``inspect`` with router options (``--include``, ``--exclude``, ``--top-k``,
+    ``--num-experts``), is those options': the same command without them runs clean. Such an error is a usage error
+    (exit status 2, as an option argparse refuses), where one the model raises whatever the options is status 1.
+    Run only on the way out of a refusal: the model is loaded (and verified) once more."""
+    options = (args.include, args.exclude, args.top_k, args.num_experts)
+    if not isinstance(error, MoEReplayError) or all(o is None for o in options):
+        return False
+    try:
+        _inspect(args.model, None, None, None, None, args.verify, args.seed, args.layers, False)
+    except Exception:  # (the model's own refusal: the options are not what is refused)
+        return False
+    return True
 
 
 def _as_options(message: str) -> str:

@@ -125,7 +125,7 @@ def test_inspect_errors_are_one_line_and_exit_1(tmp_path, capsys) -> None:
     assert err.startswith("error: ") and "not_a_model_type_at_all" in err and "softmax_topk" in err
     assert main(["inspect", str(tmp_path)]) == 1  # a folder without config.json
     assert "config.json" in capsys.readouterr().err
-    assert main(["inspect", "softmax_topk", "--include", "nothing.matches"]) == 1
+    assert main(["inspect", "softmax_topk", "--include", "nothing.matches"]) == 2  # (an option this model refuses)
     assert "matched no module" in capsys.readouterr().err
 
 
@@ -302,7 +302,7 @@ def test_a_model_with_no_replayable_router_is_refused_as_such(capsys) -> None:
 def test_errors_suggest_options_not_python_keywords(capsys) -> None:
     """The CLI's errors say --include/--exclude/--top-k, never include= (Python syntax)."""
     for argv in (["--include", "nothing.matches"], ["--exclude", "*"]):
-        assert main(["inspect", "softmax_topk", *argv]) == 1
+        assert main(["inspect", "softmax_topk", *argv]) == 2
         err = capsys.readouterr().err
         assert argv[0] in err, err  # (an exclude that takes out every router is named as the cause)
         assert not re.search(r"\b(include|exclude|top_k|num_experts)=", err), err
@@ -310,7 +310,7 @@ def test_errors_suggest_options_not_python_keywords(capsys) -> None:
     assert _as_options("pass top_k=/num_experts= if") == "pass --top-k/--num-experts if"
     # the bare names too ("leave top_k out"), but not an attribute or a longer name
     for argv in (["--top-k", "99"], ["--num-experts", "5"], ["--top-k", "3", "--verify"]):
-        assert main(["inspect", "softmax_topk", *argv]) == 1
+        assert main(["inspect", "softmax_topk", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and argv[0] in err, err
         assert not re.search(r"\b(top_k|num_experts)\b", err), err

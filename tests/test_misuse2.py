@@ -726,7 +726,7 @@ def test_the_loss_refuses_probabilities_above_one_and_complex_masks() -> None:
 def test_the_command_line_never_asks_for_re_compile(capsys) -> None:
     """A regex given to ``inspect --include`` was told "for a regex pass re.compile(...)", which no command line
     can do; it now names the glob that the command line reads."""
-    assert main(["inspect", "softmax_topk", "--include", r"layers\.\d+\.mlp\.router"]) == 1
+    assert main(["inspect", "softmax_topk", "--include", r"layers\.\d+\.mlp\.router"]) == 2
     err = capsys.readouterr().err
     assert "re.compile" not in err and "glob" in err and err.count("\n") == 1
     assert main(["inspect", "softmax_topk", "--include", "layers.*.mlp.router"]) == 0

@@ -346,7 +346,7 @@ def test_inspect_of_a_reference_model_of_too_many_layers_names_the_option_that_a
     """``inspect softmax_topk --layers 100000`` was refused with the config's advice ("use smaller sizes (num_layers,
     --num-experts, ...)"), which named an option that does not size the model and not the one given; now it names
     ``--layers``, and nothing is built."""
-    assert main(["inspect", "softmax_topk", "--layers", "100000"]) == 1
+    assert main(["inspect", "softmax_topk", "--layers", "100000"]) == 2
     err = capsys.readouterr().err
     assert "--layers 100000" in err and "fewer --layers" in err
     assert "--num-experts" not in err and "num_layers" not in err

@@ -123,7 +123,7 @@ def test_inspect_refuses_random_model_options_for_a_checkpoint_directory(tmp_pat
         (["--seed", "0"], "--seed 0 shapes"),
         (["--seed", "3", "--layers", "1"], "--seed 3 and --layers 1 shape"),
     ):
-        assert main(["inspect", str(tmp_path), *argv]) == 1
+        assert main(["inspect", str(tmp_path), *argv]) == 2  # (options this model refuses: a usage error)
         err = capsys.readouterr().err
         assert err.startswith(f"error: {said} a random model, but {tmp_path} is a checkpoint directory"), err
         assert err.rstrip().endswith("leave them out"), err
