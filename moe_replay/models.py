@@ -73,7 +73,11 @@ MAX_PARAMETER_BYTES = 16 << 30
 
 @dataclass
 class MoEConfig:
-    """Shape and router style of a reference MoE."""
+    """Shape and router style of a reference MoE.
+
+    ``extra`` is read by no part of the model: it must stay empty, and entries given in it are refused where they
+    would be ignored without a word (set the field that does what is meant instead: ``build(style, top_k=4)``).
+    """
 
     router: str = "softmax_topk"
     vocab_size: int = 128
@@ -97,6 +101,7 @@ class MoEConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_extra()
         for f in fields(self):  # (each field of its own type first: a str or float count fails deep in torch)
             value, kind = getattr(self, f.name), f.type
             # (a numpy integer or a 0-d tensor is the count it holds, as everywhere in the package: kept as an int)
@@ -159,6 +164,28 @@ class MoEConfig:
                 "machine's memory where less): use smaller sizes (num_layers, num_experts, hidden_size, expert_size, "
                 "vocab_size, max_positions)"
             )
+
+    def _check_extra(self) -> None:
+        """Refuse entries in ``extra``, which no part of the model reads.
+
+        Raises:
+            InvalidArgumentError: ``extra`` is not empty (or no dict), naming the fields its keys spell.
+        """
+        extra = self.extra
+        if isinstance(extra, dict) and not extra:
+            return
+        names = [f.name for f in fields(self) if f.name != "extra"]
+        spelt = [k for k in extra if k in names] if isinstance(extra, dict) else []
+        fix = (
+            f"set {', '.join(f'{k}={extra[k]!r:.20}' for k in spelt)} as {'fields' if len(spelt) > 1 else 'a field'} "
+            "instead"
+            if spelt
+            else f"set the fields that do what is meant instead ({', '.join(names[1:])})"
+        )
+        raise InvalidArgumentError(
+            f"extra={extra!r:.80} would be ignored: no part of the reference model reads MoEConfig.extra. Leave it "
+            f"empty, and {fix}"
+        )
 
     def parameter_count(self) -> int:
         """How many parameters and buffers a model of this configuration holds at most, computed from its sizes alone
@@ -675,8 +702,14 @@ def build(style: str = "softmax_topk", *, seed: int = 0, **overrides: Any) -> Mo
             does not read set away from its default: ``n_group`` of ``softmax_topk``, ``top_k=4`` of
             ``top1_argmax``, which chooses one expert), or sizes whose
             parameters would take more than :data:`MAX_PARAMETER_BYTES` (or the machine's memory, where less):
-            refused from the sizes alone, before anything is allocated.
+            refused from the sizes alone, before anything is allocated; an ``extra`` that is not empty (no part of
+            the model reads it); a :class:`MoEConfig` given for the style (its fields are passed by name).
     """
+    if isinstance(style, MoEConfig):
+        raise InvalidArgumentError(
+            "build() takes a router style name, got a MoEConfig: pass its style and fields, "
+            "build(config.router, **{k: v for k, v in vars(config).items() if k != 'router'})"
+        )
     if not is_integer(seed) or not -(2**63) <= int(seed) < 2**64:
         raise InvalidArgumentError(f"seed must be an int (a torch.Generator seed), got {seed!r:.60}")
     seed = int(seed)  # (a numpy integer or a 0-d tensor: the seed it holds)
