@@ -22,6 +22,7 @@ import gc
 import inspect
 import itertools
 import operator
+import os
 import sys
 import threading
 import types
@@ -2414,6 +2415,8 @@ class Session:
                     "them out as the batch you replay, mr.BatchLayout.padded(lengths).routes(parts) (or .packed), "
                     "or mr.Routes.cat(parts) for generate()'s grid (keep_padding=True)"
                     if parts
+                    else f"read the file first: session.replay(mr.Routes.load({str(routes)!r:.80}))"
+                    if isinstance(routes, str | os.PathLike)
                     else "build one with mr.Routes(...) or mr.Routes.from_numpy(...)"
                 )
             )
@@ -2934,6 +2937,10 @@ class Session:
         The forward runs eagerly, also on a compiled model (``torch.compile``'s wrapper,
         ``model.compile()``, compiled layers): compiled code cannot establish a decision, so
         this is the eager forward a compiled model needs once after ``attach``.
+
+        The arguments are the model's: what its forward raises on them (its own ``TypeError`` for a keyword it
+        does not take, as ``model(*args, **kwargs)`` raises it) comes out as it is, the model and the session left
+        as they were.
 
         On a terminal a progress bar counts the routers the forward reaches (``MOE_REPLAY_PROGRESS=0``
         hides it, ``MOE_REPLAY_PROGRESS=1`` shows it where stderr is no terminal); it changes nothing else.

@@ -1,0 +1,150 @@
+"""Misuse the suite did not hold yet: an ``inspect`` option the model refuses exited 1, as a model that cannot be
+loaded does, where argparse's refusal of an option exits 2; ``MoEConfig.extra``, read by no part of the model, took
+any entry and ignored it; ``build(MoEConfig(...))`` named the whole config an "unknown router style"; a path given to
+``replay`` was told to build routes by hand; ``verify()`` given a keyword the model does not take raises the model's
+own error, which is now said and held to: the model and the session are left as they were."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_replay as mr
+from moe_replay.__main__ import main
+
+from .conftest import assert_untouched, snapshot
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--top-k", "99"],  # more than the routers' experts
+        ["--num-experts", "1"],  # the expert count of no router
+        ["--include", "nothing.matches"],
+        ["--exclude", "layers.*"],  # takes out every router
+        ["--top-k", "3", "--verify"],  # refused at the decision, by verify()
+        ["--layers", "100000"],  # more parameters than a reference model may hold
+    ],
+)
+def test_an_inspect_option_the_model_refuses_exits_2_as_an_option_argparse_refuses(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``inspect softmax_topk --top-k 99`` exited 1, the status of a model that cannot be loaded, where ``--top-k 0``
+    exits 2: a script could not tell its own bad option from a broken model. Now an option refused for this model is a
+    usage error, 2, naming the option; the same command without it runs (status 0)."""
+    assert main(["inspect", "softmax_topk", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and argv[0] in err and "Traceback" not in err, err
+    without = [a for a in ("--verify",) if a in argv]
+    assert main(["inspect", "softmax_topk", *without]) == 0
+    with pytest.raises(SystemExit) as refused:  # (the status argparse gives an option it refuses)
+        main(["inspect", "softmax_topk", "--top-k", "0"])
+    assert refused.value.code == 2
+
+
+@pytest.mark.reliability("bad inputs")
+def test_an_inspect_of_a_model_that_cannot_be_loaded_exits_1_whatever_options_are_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model's own failure stays status 1 with router options given: they are not what is refused."""
+    for argv in ([], ["--top-k", "2"], ["--include", "layers.*.mlp.router", "--num-experts", "8"]):
+        assert main(["inspect", str(tmp_path), *argv]) == 1  # a folder without config.json
+        err = capsys.readouterr().err
+        assert "config.json" in err and len(err.splitlines()) == 1, err
+    assert main(["inspect", "softmax_topk", "--top-k", "2", "--num-experts", "8"]) == 0  # options that fit
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        ({"top_k": 3}, "top_k=3 as a field"),  # a field's name: set it as that field
+        ({"note": "mine"}, "set the fields"),
+        (["top_k", 3], "set the fields"),  # no dict at all
+    ],
+)
+def test_an_moe_config_extra_that_no_part_of_the_model_reads_is_refused_not_ignored(extra: object, said: str) -> None:
+    """``build(extra={"top_k": 3})`` built a top-2 model without a word: no part of the reference model reads
+    ``MoEConfig.extra``. Entries in it are refused wherever a config is made (``build``, ``MoEConfig``,
+    ``dataclasses.replace``), naming them and the field to set; an empty one is the default and is taken."""
+    for make in (
+        lambda: mr.models.build("softmax_topk", num_layers=1, extra=extra),
+        lambda: mr.models.MoEConfig(extra=extra),  # type: ignore[arg-type]
+        lambda: dataclasses.replace(mr.models.MoEConfig(), extra=extra),
+    ):
+        with pytest.raises(mr.InvalidArgumentError, match="no part of the reference model reads") as info:
+            make()
+        assert said in str(info.value) and "extra=" in str(info.value), str(info.value)
+    assert mr.models.build("softmax_topk", num_layers=1, extra={}).config.extra == {}
+    assert mr.models.MoEConfig().extra == {}
+
+
+@pytest.mark.reliability("bad inputs")
+def test_build_given_a_config_says_how_to_pass_its_fields_and_that_way_builds_it() -> None:
+    """``build(MoEConfig(num_layers=3))`` said "unknown router style MoEConfig(router=..., ...)" (the whole config
+    read as a style's name). It now says that build takes a style name and how to pass the config's fields; done so,
+    the model built is the config's."""
+    config = mr.models.MoEConfig(router="topk_softmax", num_layers=3, num_experts=4, top_k=1)
+    with pytest.raises(mr.InvalidArgumentError, match="takes a router style name, got a MoEConfig") as info:
+        mr.models.build(config)  # type: ignore[arg-type]
+    assert "vars(config)" in str(info.value)
+    built = mr.models.build(config.router, **{k: v for k, v in vars(config).items() if k != "router"})
+    assert built.config == config
+
+
+@pytest.mark.reliability("bad inputs")
+def test_replay_given_the_path_of_a_routes_file_says_to_load_it(tmp_path: Path) -> None:
+    """``session.replay("routes.npz")`` was told to "build one with mr.Routes(...)"; it now names the file and
+    ``Routes.load``, and the replay the advice gives forces the recorded experts."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    with mr.attach(model) as session:
+        with session.capture():
+            model(ids)
+        routes = session.routes()
+        path = tmp_path / "routes.npz"
+        routes.save(path)
+        for given in (str(path), path):
+            with pytest.raises(mr.RoutesValidationError, match=r"Routes\.load\(") as info:
+                with session.replay(given):  # type: ignore[arg-type]
+                    model(ids)
+            assert str(path) in str(info.value), str(info.value)
+        with session.replay(mr.Routes.load(path)):
+            model(ids)
+        with session.capture():
+            with session.replay(mr.Routes.load(path)):
+                model(ids)
+        assert session.routes().equal(routes)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_verify_given_a_keyword_the_model_does_not_take_raises_the_models_own_error_and_changes_nothing() -> None:
+    """``session.verify(ids, bogus=1)``: verify's arguments are the model's, so the error is the one the model's
+    forward raises (a ``TypeError`` naming the keyword), as a plain call raises it; the model keeps its hooks and
+    tensors, the session stays idle, and a verify and a replay after it are exact."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TypeError) as plain:
+        model(ids, bogus=1)
+    before = snapshot(model)
+    session = mr.attach(model)
+    hooks = [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()]
+    with pytest.raises(TypeError) as verified:
+        session.verify(ids, bogus=1)
+    assert type(verified.value) is type(plain.value) and str(verified.value) == str(plain.value)
+    assert [(n, dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()] == hooks
+    assert session.state == "idle"
+    assert sorted(session.verify(ids)) == sorted(session.names)
+    with session.capture():
+        model(ids)
+    routes = session.routes()
+    with session.capture():
+        with session.replay(routes):
+            model(ids)
+    assert session.routes().equal(routes)
+    session.detach()
+    assert_untouched(model, before)
