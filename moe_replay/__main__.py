@@ -398,7 +398,7 @@ def _seed(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if not -(2**63) <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must fit in 64 bits (0 to {2**64 - 1}), got {value}")
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits ({-(2**63)} to {2**64 - 1}), got {value}")
     return value
 
 

@@ -7,6 +7,7 @@ own error, which is now said and held to: the model and the session are left as 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,27 @@ def test_verify_given_a_keyword_the_model_does_not_take_raises_the_models_own_er
     assert session.routes().equal(routes)
     session.detach()
     assert_untouched(model, before)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("given", [-(2**63) - 1, 2**64])
+def test_a_seed_out_of_range_is_told_the_range_the_command_takes(
+    given: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--seed`` takes -2**63 .. 2**64 - 1 (what torch's generator takes), but its refusal said "0 to 2**64 - 1",
+    a range the negative seeds it takes are not in. The range said is now the one taken: both its ends run, and
+    past either end is refused."""
+    with pytest.raises(SystemExit) as refused:
+        main(["inspect", "softmax_topk", "--seed", str(given)])
+    assert refused.value.code == 2
+    said = re.search(r"must fit in 64 bits \((-?\d+) to (\d+)\)", capsys.readouterr().err)
+    assert said is not None
+    low, high = int(said[1]), int(said[2])
+    assert not low <= given <= high
+    for seed in (low, high):
+        assert main(["inspect", "softmax_topk", "--seed", str(seed)]) == 0
+    for seed in (low - 1, high + 1):  # (the ends said are the ends taken)
+        with pytest.raises(SystemExit) as refused:
+            main(["inspect", "softmax_topk", "--seed", str(seed)])
+        assert refused.value.code == 2
+    capsys.readouterr()
