@@ -2149,8 +2149,9 @@ class Session:
     def routes(self, *, allow_silent: bool = False, allow_partial: bool = False) -> Routes:
         """The rows recorded by the last capture, copied to the host in one pass.
 
-        Still readable after :meth:`detach` (the rows were copied to the host then), as a
-        profiler's results are after its context.
+        Inside an open ``capture()`` block, the rows of the forwards run in it so far. Still readable
+        after :meth:`detach` (the rows were copied to the host then), as a profiler's results are after
+        its context.
 
         Args:
             allow_silent: accept routers that recorded no row while others did (by default
@@ -2163,6 +2164,9 @@ class Session:
             SessionStateError: nothing was captured, the capture was interrupted, another
                 thread has a block open on this session, or a forward of the model is running
                 (a hook that reads the routes mid-forward).
+            UnsupportedRouterError: the capture recorded nothing (no router ran in it; read inside an open
+                ``capture()`` block, none ran in it yet), or, without ``allow_silent``, some routers recorded no
+                row while others did (they never ran: a module outside the forward path, or built twice).
             CaptureOverflowError: rows went past a ring that a CUDA graph or a compiled
                 region writes into (its fixed size); eager captures grow instead, and
                 ``keep_newest`` rings keep the newest rows.
@@ -2204,6 +2208,12 @@ class Session:
             )
         allow_silent = allow_silent or allow_partial
         if not any(written) and not any(h.calls for h in self._hooks) and not allow_silent:
+            if self._attached and self._capturing:  # (read inside the open block, before its first forward)
+                raise UnsupportedRouterError(
+                    f"the capture() block still open has recorded nothing yet: none of the {len(names)} routers of "
+                    "this session ran in it so far. routes() read inside the block gives the rows of the forwards "
+                    "run in it before: call it after the model's forward (or once the block is left)"
+                )
             raise UnsupportedRouterError(
                 f"the capture recorded nothing: none of the {len(names)} routers of this session ran inside "
                 "capture(). Was the model rebuilt or reloaded after attach (attach to the model you run), or did "

@@ -173,3 +173,33 @@ def test_a_seed_out_of_range_is_told_the_range_the_command_takes(
             main(["inspect", "softmax_topk", "--seed", str(seed)])
         assert refused.value.code == 2
     capsys.readouterr()
+
+
+@pytest.mark.reliability("bad inputs")
+def test_routes_read_inside_an_open_capture_before_its_first_forward_says_the_block_is_still_open() -> None:
+    """``routes()`` inside ``with session.capture():`` before any forward said "the capture recorded nothing ... Was the
+    model rebuilt or reloaded after attach", advice for a block that ended empty. It now says the block is still open
+    and to read after the forward; read after a forward in the block, it gives that forward's rows, and the block's
+    rows once it is left, which a replay forces."""
+    model = mr.models.build("softmax_topk", num_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    with mr.attach(model) as session:
+        with session.capture():
+            with pytest.raises(mr.UnsupportedRouterError, match="still open has recorded nothing yet") as info:
+                session.routes()
+            assert "rebuilt" not in str(info.value)
+            model(ids)
+            first = session.routes()
+            model(ids)
+        assert first.num_tokens == ids.numel()
+        routes = session.routes()
+        assert routes.num_tokens == 2 * ids.numel() and routes[: ids.numel()].equal(first)
+        with session.capture():
+            pass
+        with pytest.raises(mr.UnsupportedRouterError, match="did no forward run in the block"):
+            session.routes()  # (a block left empty: the advice for one)
+        with session.capture():
+            with session.replay(routes):
+                model(ids)
+                model(ids)
+        assert session.routes().equal(routes)
