@@ -1135,12 +1135,20 @@ class Routes:
         first = parts[0]
         for i, p in enumerate(parts[1:], 1):
             if p.names != first.names or p.experts_per_layer != first.experts_per_layer:
+                hint = reorder_hint(p, first, i) or (
+                    ": parts joined are rows of the same routers, of the same expert counts (routes of one model); "
+                    "replay routes of other routers or models in blocks of their own"
+                )
                 raise RoutesValidationError(
                     f"Routes.cat: part {i} holds routers {list(p.names)} with experts {p.experts_per_layer}, "
-                    f"part 0 holds {list(first.names)} with {first.experts_per_layer}" + reorder_hint(p, first, i)
+                    f"part 0 holds {list(first.names)} with {first.experts_per_layer}" + hint
                 )
             if p.k_per_layer != first.k_per_layer:
-                raise RoutesValidationError(f"Routes.cat: part {i} has k {p.k_per_layer}, part 0 {first.k_per_layer}")
+                raise RoutesValidationError(
+                    f"Routes.cat: part {i} has k {p.k_per_layer}, part 0 {first.k_per_layer}: a router's rows hold "
+                    "one k, so parts joined are routes recorded with the same top_k; replay routes of another k in a "
+                    "block of their own"
+                )
         data = [torch.cat([p._data[j] for p in parts]) for j in range(first.num_layers)]
         out = cls._trusted(data, first.names, first.experts_per_layer, all(p._validated for p in parts))
         # a part of unknown tokens: -1 for each of its rows; a part of several row counts: no one id per row fits

@@ -203,3 +203,21 @@ def test_routes_read_inside_an_open_capture_before_its_first_forward_says_the_bl
                 model(ids)
                 model(ids)
         assert session.routes().equal(routes)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_cat_of_routes_of_another_k_or_other_routers_says_what_to_do_and_joins_the_parts_that_fit() -> None:
+    """``Routes.cat`` of routes recorded with another k said only "part 1 has k (3, 3), part 0 (2, 2)", and of another
+    model's routers only which routers each part holds: what was wrong, not what to do. Both now say that parts joined
+    are routes of the same routers and k, and to replay the others in a block of their own; parts that fit join."""
+    names = ["layers.0.mlp.router", "layers.1.mlp.router"]
+    two = mr.Routes([torch.tensor([[0, 1], [2, 3]])] * 2, names, 8)
+    three = mr.Routes([torch.tensor([[0, 1, 2]])] * 2, names, 8)
+    other = mr.Routes([torch.tensor([[0, 1]])] * 3, [*names, "layers.2.mlp.router"], 8)
+    wider = mr.Routes([torch.tensor([[0, 1]])] * 2, ["blocks.0.gate", "blocks.1.gate"], 16)
+    for part, said in ((three, "part 1 has k (3, 3)"), (other, "part 1 holds routers"), (wider, "part 1 holds")):
+        with pytest.raises(mr.RoutesValidationError, match="Routes.cat") as info:
+            mr.Routes.cat([two, part])
+        assert said in str(info.value) and "of their own" in str(info.value), str(info.value)
+    joined = mr.Routes.cat([two, two[:1]])
+    assert joined.num_tokens == 3 and joined[2:].equal(two[:1])
