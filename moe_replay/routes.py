@@ -37,6 +37,7 @@ from ._checks import (
     check_flag,
     check_values,
     is_collection,
+    is_integer,
     router_names,
 )
 from ._choice_record import (
@@ -718,7 +719,21 @@ class Routes:
         ``[batch, positions]`` batch sequence-first (layers that run ``[positions, batch, hidden]``),
         position 0 of every sequence first, then position 1..., not sequence by sequence;
         :meth:`in_token_order` gives them in the order of their tokens.
+
+        Raises:
+            UnknownRouterError: no router of these routes has that name.
+            ArgumentTypeError: ``name`` is no str (a router's number: ``routes.layer(routes.names[i])``).
         """
+        if not isinstance(name, str):
+            number = int(name) if is_integer(name) else None
+            which = (
+                f": for router number {number}, routes.layer(routes.names[{number}]) ({self._names[number]!r})"
+                if number is not None and -len(self._names) <= number < len(self._names)
+                else f"; routers: {list(self._names)[:4]}" + (" ..." if len(self._names) > 4 else "")
+            )
+            raise ArgumentTypeError(
+                f"layer() takes a router's name (its module path), got {type(name).__name__} {name!r:.40}{which}"
+            )
         try:
             return note_router(self._data[self._names.index(name)].long(), name)
         except ValueError:

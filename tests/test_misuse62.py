@@ -221,3 +221,19 @@ def test_cat_of_routes_of_another_k_or_other_routers_says_what_to_do_and_joins_t
         assert said in str(info.value) and "of their own" in str(info.value), str(info.value)
     joined = mr.Routes.cat([two, two[:1]])
     assert joined.num_tokens == 3 and joined[2:].equal(two[:1])
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("number", [0, -1, 1])
+def test_layer_given_a_routers_number_names_the_call_that_takes_it(number: int) -> None:
+    """``routes.layer(0)`` said "no router named '0' in these routes", as if a module were named "0". A number is now
+    told apart from a name: the refusal gives the call with that router's name, and that call gives its rows."""
+    names = ["layers.0.mlp.router", "layers.1.mlp.router"]
+    rows = [torch.tensor([[0, 1], [2, 3]]), torch.tensor([[4, 5], [6, 7]])]
+    routes = mr.Routes(rows, names, 8)
+    with pytest.raises(mr.ArgumentTypeError, match=rf"routes\.layer\(routes\.names\[{number}\]\)") as info:
+        routes.layer(number)  # type: ignore[arg-type]
+    assert repr(names[number]) in str(info.value)
+    assert torch.equal(routes.layer(routes.names[number]), rows[number])
+    with pytest.raises(mr.ArgumentTypeError, match="routers: "):
+        routes.layer(len(names))  # type: ignore[arg-type]  # (no router of that number: the names are listed)
