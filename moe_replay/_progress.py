@@ -8,7 +8,8 @@ through, and the command line's ``demo`` and ``inspect --verify``.
 a person watches: on by default when stderr is a terminal, off in pipes, logs and tests. Who asks decides,
 in this order: a function's ``progress=True``/``False``, the command line's ``--progress``/``--no-progress``
 (:func:`setting`), ``MOE_REPLAY_PROGRESS=1`` (on anywhere) or ``=0`` (off), and last whether stderr is a
-terminal. It never changes a result.
+terminal (another value of ``MOE_REPLAY_PROGRESS`` is read as unset, with a ``RuntimeWarning`` that says so). It
+never changes a result.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,6 +28,9 @@ from ._checks import check_flag
 from ._quiet import aloud
 
 _ENV = "MOE_REPLAY_PROGRESS"
+#: The values of ``MOE_REPLAY_PROGRESS`` (any case) that show the bar, and those that hide it; any other is warned of.
+_SHOWN = ("1", "true", "yes", "on")
+_HIDDEN = ("0", "false", "no", "off")
 _SETTING: ContextVar[bool | None] = ContextVar("moe_replay_progress", default=None)
 
 
@@ -58,10 +63,18 @@ def wanted(stream: IO[str] | None = None) -> bool:
     if chosen is not None:
         return chosen
     setting = os.environ.get(_ENV, "").strip().lower()
-    if setting in ("1", "true", "yes", "on"):
+    if setting in _SHOWN:
         return True
-    if setting in ("0", "false", "no", "off"):
+    if setting in _HIDDEN:
         return False
+    if setting:  # (a value of neither list, "2" or "hide": said, where it was read as unset without a word)
+        warnings.warn(
+            f"moe_replay: {_ENV}={os.environ[_ENV]!r:.40} is none of {', '.join(_SHOWN)} (show the progress bar) "
+            f"or {', '.join(_HIDDEN)} (hide it): it is read as unset, a bar shown where stderr is a terminal. Set "
+            f"{_ENV} to one of those, or unset it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if _other_rank():  # one bar per job: the ranks of a distributed run share a terminal
         return False
     stream = sys.stderr if stream is None else stream

@@ -7,7 +7,9 @@ own error, which is now said and held to: the model and the session are left as 
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -237,3 +239,29 @@ def test_layer_given_a_routers_number_names_the_call_that_takes_it(number: int) 
     assert torch.equal(routes.layer(routes.names[number]), rows[number])
     with pytest.raises(mr.ArgumentTypeError, match="routers: "):
         routes.layer(len(names))  # type: ignore[arg-type]  # (no router of that number: the names are listed)
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize("value", ["2", "hide", "enabled"])
+def test_a_progress_setting_of_no_known_value_is_warned_of_and_read_as_unset(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``MOE_REPLAY_PROGRESS=hide`` (or ``2``) was read as unset without a word: a bar still drawn on a terminal, where
+    the user asked to hide it. It is still read as unset (a progress bar changes no result), and a ``RuntimeWarning``
+    names the variable, the value and the values it takes; those values, in any case, are taken without one."""
+    from moe_replay import _progress
+
+    terminal = type("Terminal", (io.StringIO,), {"isatty": lambda self: True})
+    monkeypatch.delenv("MOE_REPLAY_PROGRESS", raising=False)
+    unset = (_progress.wanted(terminal()), _progress.wanted(io.StringIO()))
+    monkeypatch.setenv("MOE_REPLAY_PROGRESS", value)
+    with pytest.warns(RuntimeWarning, match="MOE_REPLAY_PROGRESS") as caught:
+        given = (_progress.wanted(terminal()), _progress.wanted(io.StringIO()))
+    assert given == unset == (True, False)
+    said = str(caught[0].message)
+    assert repr(value) in said and "0, false, no, off" in said and "1, true, yes, on" in said, said
+    for known, shown in (("ON", True), (" 0 ", False), ("No", False)):
+        monkeypatch.setenv("MOE_REPLAY_PROGRESS", known)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _progress.wanted(io.StringIO()) is shown
