@@ -1197,7 +1197,20 @@ def find_routers(
         raise ArgumentTypeError(f"find_routers takes an nn.Module, got {type(model).__name__}")
     adapters = list(adapters) if is_collection(adapters) else adapters
     if not isinstance(adapters, list) or not all(isinstance(a, Adapter) for a in adapters):
-        raise ArgumentTypeError(f"adapters must be a sequence of mr.Adapter, got {adapters!r:.80}")
+        bad = adapters if not isinstance(adapters, list) else next(a for a in adapters if not isinstance(a, Adapter))
+        if isinstance(adapters, Adapter):
+            raise ArgumentTypeError(
+                f"adapters must be a sequence of mr.Adapter, got one Adapter (name={adapters.name!r}): for one "
+                "adapter pass a list, adapters=[adapter]"
+            )
+        raise ArgumentTypeError(
+            f"adapters must be a sequence of mr.Adapter, got {adapters!r:.80}"
+            + (
+                f" (holding {type(bad).__name__} {bad!r:.40}): build each rule as mr.Adapter(name, match=...)"
+                if isinstance(adapters, list)
+                else ": pass a list of mr.Adapter rules (leave adapters out for none)"
+            )
+        )
     include, exclude = _frozen_matcher(include), _frozen_matcher(exclude)
     _refuse_module_instances(model, include, "include")
     _refuse_module_instances(model, exclude, "exclude")

@@ -265,3 +265,25 @@ def test_a_progress_setting_of_no_known_value_is_warned_of_and_read_as_unset(
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert _progress.wanted(io.StringIO()) is shown
+
+
+@pytest.mark.reliability("bad inputs")
+def test_adapters_given_one_rule_or_a_list_holding_no_rule_say_what_to_pass() -> None:
+    """``attach(model, adapters=mr.Adapter(...))`` said "adapters must be a sequence of mr.Adapter, got Adapter(...",
+    a repr cut in the middle and nothing of what to do; now one rule is told to go in a list, a list is told which item
+    is no rule, and the model is left as it was. The list the advice gives is taken."""
+    model = mr.models.build("softmax_topk", num_layers=1)
+    before = snapshot(model)
+    rule = mr.Adapter("gate", match=lambda name, module: name.endswith("mlp.router"))
+    for given, said in (
+        (rule, "adapters=[adapter]"),
+        ([rule, "layers.0.mlp.router"], "holding str 'layers.0.mlp.router'"),
+        (None, "leave adapters out"),
+    ):
+        with pytest.raises(mr.ArgumentTypeError, match="adapters must be a sequence") as info:
+            mr.attach(model, adapters=given)  # type: ignore[arg-type]
+        assert said in str(info.value), str(info.value)
+        assert_untouched(model, before)
+    with mr.attach(model, adapters=[rule]) as session:
+        assert [s.adapter for s in session.sites] == ["gate"]
+    assert_untouched(model, before)
