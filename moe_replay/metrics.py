@@ -643,7 +643,11 @@ def compare(
     for side, r in (("a", a), ("b", b)):
         absent = [n for n in names if n not in r.names]
         if absent:
-            raise RoutesValidationError(f"{side} holds no routes for routers {absent[:3]}")
+            raise RoutesValidationError(
+                f"{side} holds no routes for routers {absent[:3]}; its routers are {list(r.names)[:4]}"
+                + (" ..." if len(r.names) > 4 else "")
+                + ": pass names= of routers both hold (or leave it out to compare them all)"
+            )
         r._ensure_valid()  # rows built with validate=False: a partial -1 row or a repeated expert is no decision
     xs = [a.layer(n) for n in names]
     ys = [b.layer(n) for n in names]

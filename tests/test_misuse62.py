@@ -287,3 +287,15 @@ def test_adapters_given_one_rule_or_a_list_holding_no_rule_say_what_to_pass() ->
     with mr.attach(model, adapters=[rule]) as session:
         assert [s.adapter for s in session.sites] == ["gate"]
     assert_untouched(model, before)
+
+
+@pytest.mark.reliability("bad inputs")
+def test_compare_of_a_router_name_the_routes_do_not_hold_lists_the_routers_they_do() -> None:
+    """``compare(a, b, names=["zz"])`` said "a holds no routes for routers ['zz']" and no more; it now lists the
+    routers that side holds and says what to pass, and the names it lists compare."""
+    a = mr.Routes([torch.tensor([[0, 1], [2, 3]])] * 2, ["layers.0.gate", "layers.1.gate"], 8)
+    b = mr.Routes([torch.tensor([[0, 2], [2, 3]])] * 2, ["layers.0.gate", "layers.1.gate"], 8)
+    with pytest.raises(mr.RoutesValidationError, match="holds no routes for routers") as info:
+        mr.compare(a, b, names=["layers.0.gat"])
+    assert "'layers.0.gate', 'layers.1.gate'" in str(info.value) and "names=" in str(info.value)
+    assert mr.compare(a, b, names=["layers.0.gate"]).names == ("layers.0.gate",)
