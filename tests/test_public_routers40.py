@@ -1,7 +1,8 @@
 """MoE code of torchao (its quantizable MoE feed-forward, experts by ``torch._grouped_mm``), of LightLLM (the
 pure-PyTorch ``grouped_topk`` of its inference server, the correction bias added IN PLACE to the scores it then
-takes the weights from) and of nanoMoE (nanoGPT with a noisy top-k router, expert capacity and a dense dispatch by
-one-hot capacity slots), with zero configuration where they are found so (see ``test_public_routers33``).
+takes the weights from), of nanoMoE (nanoGPT with a noisy top-k router, expert capacity and a dense dispatch by
+one-hot capacity slots) and of MoDE (a diffusion policy whose router reads only the noise level's embedding, sampling
+its experts in training), with zero configuration where they are found so (see ``test_public_routers33``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
@@ -18,6 +19,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import einops
 import pytest
 import torch
 import torch.nn.functional as F
@@ -471,3 +473,145 @@ def test_nanomoe_with_noise_that_zeroes_forced_experts_is_refused() -> None:
             router.forced = None
     assert any(not torch.equal(masks[0], m) for m in masks[1:]), "the forced experts run alike under every random state"
     assert_refused(model, x, "which of its weights are zero", train=True)
+
+
+# ----------------------------------------------------------------------- MoDE: routed by the noise level alone
+# intuitive-robots/MoDE_Diffusion_Policy mode/models/networks/modedit.py (``RouterCond``, ``Mlp``, ``SwishGLU``,
+# ``RMSNorm``, ``NoiseBlockMoE``): a diffusion policy's transformer block whose router reads only the noise level's
+# embedding ``c`` (``cond_router``, ``router_context_cond_only``), repeated over the tokens by ``einops.repeat``; the
+# router an ``Mlp`` (a SwishGLU projection with a bias, dropout, a Linear to E); its logits less their max, over a
+# temperature, softmaxed and clamped to ``[1e-9, 1 - 1e-9]``; in training the experts SAMPLED by
+# ``torch.multinomial(probs, k, replacement=False)``, in evaluation a ``topk``; a 0/1 ``router_mask`` and the chosen
+# probabilities scattered, renormalised; the block runs each expert on the tokens of its ``router_mask`` column
+# (boolean indexing, ``+=``) and keeps usage statistics. (The attention, the inference cache of experts per noise
+# level, empty until ``precompute_experts``, and the usage statistics are left out.)
+class MoDERMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.scale, self.eps = dim**-0.5, eps
+        self.g = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.norm(x, dim=-1, keepdim=True) * self.scale
+        return x / norm.clamp(min=self.eps) * self.g
+
+
+class MoDESwishGLU(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.act, self.project = nn.SiLU(), nn.Linear(in_dim, 2 * out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected, gate = self.project(x).tensor_split(2, dim=-1)
+        return projected * self.act(gate)
+
+
+class MoDEMlp(nn.Module):
+    def __init__(self, n_embd: int, bias: bool, output_dim: int | None = None) -> None:
+        super().__init__()
+        n_embed_final = output_dim if output_dim is not None else n_embd
+        self.mlp = nn.Sequential(
+            MoDESwishGLU(n_embd, 4 * n_embd), nn.Dropout(0.0), nn.Linear(4 * n_embd, n_embed_final, bias=bias)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class MoDERouterCond(_Used):
+    def __init__(self, hidden_states: int, cond_dim: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.normalize = True
+        self.temperature = 1.0
+        self.use_argmax = False
+        self.router = MoDEMlp(cond_dim, output_dim=num_experts, bias=True)
+
+    def forward(
+        self, inputs: torch.Tensor, cond: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        input_shape = inputs.size()
+        if cond.shape[-2] != inputs.shape[-2]:
+            cond = einops.repeat(cond, "b t d -> b (t n) d", n=int(inputs.shape[-2] / cond.shape[-2]))
+        logits = self.router(cond.reshape(-1, cond.size(-1)))
+        logits = (logits - logits.max(dim=-1, keepdim=True).values) / self.temperature
+        probs = torch.softmax(logits, dim=-1)
+        probs = torch.clamp(probs, min=1e-9, max=1 - 1e-9)
+        flat_probs = probs.view(-1, probs.size(-1))
+        if self.training and not self.use_argmax:
+            top_k_indices = torch.multinomial(flat_probs, self.top_k, replacement=False)
+        else:
+            top_k_indices = flat_probs.topk(self.top_k, dim=-1).indices
+        if self.forced is not None:
+            top_k_indices = self.forced
+        self.used = top_k_indices
+        router_mask = torch.zeros_like(flat_probs).scatter_(1, top_k_indices, 1)
+        router_probs = torch.zeros_like(flat_probs).scatter_(1, top_k_indices, flat_probs.gather(1, top_k_indices))
+        router_mask = router_mask.view(*input_shape[:-1], -1)
+        router_probs = router_probs.view(*input_shape[:-1], -1)
+        top_k_indices = top_k_indices.view(*input_shape[:-1], -1)
+        if self.normalize:
+            router_probs = router_probs / router_probs.sum(dim=-1, keepdim=True)
+        return router_mask, top_k_indices, router_probs, probs.view(*input_shape[:-1], -1)
+
+
+class MoDENoiseBlockMoE(nn.Module):
+    def __init__(self, n_embd: int = 16, num_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.ln_2 = MoDERMSNorm(n_embd, eps=1e-6)
+        self.num_experts = num_experts
+        self.router = MoDERouterCond(n_embd, n_embd, num_experts, top_k)
+        self.experts = nn.ModuleDict({f"expert_{i}": MoDEMlp(n_embd, bias=False) for i in range(num_experts)})
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = self.ln_2(x)
+        router_mask, top_k_indices, router_probs, true_probs = self.router(x, c)
+        next_states = torch.zeros_like(x)
+        for idx in range(self.num_experts):
+            token_indices = router_mask[:, :, idx].bool()
+            if token_indices.any():
+                expert = self.experts[f"expert_{idx}"]
+                probs = router_probs[:, :, idx][token_indices].unsqueeze(-1)
+                next_states[token_indices] += probs * expert(x[token_indices]).to(next_states.dtype)
+        return x + next_states
+
+
+class MoDENet(nn.Module):
+    """``MoDeDiT`` cut to one block: the noise level ``sigma`` embedded by ``sigma_emb`` (a Linear from 1) and
+    ``sigma_linear``, the block fed the tokens and that embedding as ``c``; its input the tokens and ``sigma``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.sigma_emb = nn.Linear(1, 16)
+            self.sigma_linear = nn.Linear(16, 16, bias=False)
+            self.block = MoDENoiseBlockMoE()
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, sigma = inputs
+        emb_t = self.sigma_linear(self.sigma_emb(sigma.log().view(-1, 1, 1) / 4))
+        return self.block(x, emb_t)
+
+
+def _mode_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(9)
+    return torch.randn(6, 3, 16, generator=g), torch.rand(6, generator=g) * 80 + 0.01
+
+
+@pytest.mark.reliability("silent replays")
+def test_mode_router_of_the_noise_level_replays_as_by_hand() -> None:
+    """MoDE's ``RouterCond`` in evaluation: a top-2 of the clamped softmax of an MLP of the noise level's embedding
+    alone, repeated over the tokens; the chosen probabilities scattered and renormalised, each expert run on its
+    mask's tokens by boolean indexing. Found with zero configuration; the recorded rows are the experts each token
+    ran, and a replay after the router changes forces them, in output and gradients as by hand."""
+    session = assert_exact(MoDENet(), _mode_inputs())  # type: ignore[arg-type]
+    assert session.names == ("block.router",), session.names
+
+
+@pytest.mark.reliability("silent replays")
+def test_mode_router_sampling_its_experts_in_training_is_refused() -> None:
+    """In training MoDE samples its experts (``torch.multinomial`` without replacement): a random draw is the
+    decision, refused with a ``MoEReplayError`` that names it, the model as it was."""
+    assert_refused(MoDENet(), _mode_inputs(), "multinomial", train=True)  # type: ignore[arg-type]
