@@ -1,8 +1,10 @@
 """MoE code of torchao (its quantizable MoE feed-forward, experts by ``torch._grouped_mm``), of LightLLM (the
 pure-PyTorch ``grouped_topk`` of its inference server, the correction bias added IN PLACE to the scores it then
 takes the weights from), of nanoMoE (nanoGPT with a noisy top-k router, expert capacity and a dense dispatch by
-one-hot capacity slots) and of MoDE (a diffusion policy whose router reads only the noise level's embedding, sampling
-its experts in training), with zero configuration where they are found so (see ``test_public_routers33``).
+one-hot capacity slots), of MoDE (a diffusion policy whose router reads only the noise level's embedding, sampling
+its experts in training) and of ort_moe (the MoE of PyTorch's ONNX Runtime training package: a top-2 gate whose
+dispatch is an ``[E, C]`` table of token ids), with zero configuration where they are found so (see
+``test_public_routers33``).
 
 Each block keeps the decision structure of one upstream router (our own code, small, named after its source). Each
 router module keeps the expert ids its forward dispatched by in its last run (``used``), in its own code, not from
@@ -615,3 +617,146 @@ def test_mode_router_sampling_its_experts_in_training_is_refused() -> None:
     """In training MoDE samples its experts (``torch.multinomial`` without replacement): a random draw is the
     decision, refused with a ``MoEReplayError`` that names it, the model as it was."""
     assert_refused(MoDENet(), _mode_inputs(), "multinomial", train=True)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------- ort_moe: top2gating, a dispatch table of ids
+# pytorch/ort ort_moe/topKgate.py (``TopKGate``, ``top2gating``, ``fast_one_hot``; adapted from fairscale's
+# ``top2gating``): a bias-free ``wg`` Linear, a softmax; the first expert by ``argmax`` of the gates, one-hot by
+# ``scatter`` (int64), the second by ``argmax`` of the LOGITS with the first ``masked_fill``-ed with ``-inf``; the
+# capacity ``ceil(max(min(S, 2S/E * factor), 4))``; with ``token_drop_type='routing_weight'`` each expert keeps the
+# ``topk`` over the tokens of ``max(mask1, mask2) * gates`` (its ``capacity`` highest-weighted), with ``'cut'`` the
+# choices past capacity (``cumsum`` locations, the second choices after all the first) are cut; the two gates stored
+# as rows of a ``[2, S]`` tensor, renormalised in place (``+ 1e-9``); the dispatch a flat ``[E * C + 1]`` table of
+# token ids (``-1`` for an empty place, the second choices offset by ``S``, the dropped ones written to the last,
+# fake place) reshaped to ``[E, C]``. (The gate losses and logs, Gumbel noise, non-padding masks and the
+# straight-through variant, all off by default, are left out; the layer runs each expert on the tokens of its row
+# of the table, a loop of ours.)
+def _ort_fast_one_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    assert len(indices.shape) == 1, "indices should only be one dimension"
+    ret = torch.zeros(indices.shape[0], num_classes, dtype=torch.int64, device=indices.device)
+    ret = ret.scatter(-1, indices.unsqueeze(-1), 1)
+    return ret
+
+
+def _ort_top2gating(
+    logits: torch.Tensor, capacity_factor: float, token_drop_type: str, forced: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    gates = F.softmax(logits, dim=1)
+    num_tokens = gates.shape[0]
+    num_experts = gates.shape[1]
+    capacity_fp = max(min(num_tokens, (2 * num_tokens / num_experts) * capacity_factor), 4)
+    capacity = math.ceil(capacity_fp)
+    indices1_s = torch.argmax(gates, dim=1)
+    if forced is not None:
+        indices1_s = forced[:, 0]
+    mask1 = _ort_fast_one_hot(indices1_s, num_classes=num_experts)
+    gates_nonpadding = gates
+    logits_except1 = logits.masked_fill(mask1.bool(), float("-inf"))
+    indices2_s = torch.argmax(logits_except1, dim=1)
+    if forced is not None:
+        indices2_s = forced[:, 1]
+    mask2 = _ort_fast_one_hot(indices2_s, num_classes=num_experts)
+    chosen = torch.stack([indices1_s, indices2_s], 1)
+    if token_drop_type in ["random", "routing_weight"]:
+        mask12 = torch.max(mask1, mask2)
+        if token_drop_type == "random":
+            priority = mask12 * torch.rand_like(mask1.float())
+        else:
+            priority = mask12 * gates_nonpadding
+        _, cap_idx = torch.topk(priority, k=min(capacity, priority.shape[0]), dim=0)
+        priority_mask = torch.zeros_like(mask1).scatter_(0, cap_idx, 1)
+        mask1 *= priority_mask
+        mask2 *= priority_mask
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    locations2 = torch.cumsum(mask2, dim=0) - 1
+    locations2 += torch.sum(mask1, dim=0, keepdim=True)
+    if token_drop_type == "cut":
+        mask1 *= torch.lt(locations1, capacity)
+        mask2 *= torch.lt(locations2, capacity)
+    locations1_s = torch.sum(locations1 * mask1, dim=1)
+    locations2_s = torch.sum(locations2 * mask2, dim=1)
+    mask1_float = mask1.float()
+    mask2_float = mask2.float()
+    gates12_s = torch.zeros(2, num_tokens).to(gates_nonpadding)
+    gates12_s[0] = torch.sum(gates_nonpadding.reshape(gates_nonpadding.shape[0], -1) * mask1_float, dim=1)
+    gates12_s[1] = torch.sum(gates_nonpadding.reshape(gates_nonpadding.shape[0], -1) * mask2_float, dim=1)
+    denom_s = torch.sum(gates12_s, dim=0) + 1e-9
+    gates12_s /= denom_s
+    dispatch_mask = torch.full((num_experts * capacity + 1,), -1, dtype=torch.int64, device=logits.device)
+    indices = torch.arange(0, num_tokens, dtype=torch.int64, device=logits.device)
+    mask_sum1 = torch.sum(mask1, dim=1)
+    dispatch_indices1 = torch.where(mask_sum1 == 0, -1, indices1_s * capacity + locations1_s)
+    dispatch_mask[dispatch_indices1] = indices
+    mask_sum2 = torch.sum(mask2, dim=1)
+    dispatch_indices2 = torch.where(mask_sum2 == 0, -1, indices2_s * capacity + locations2_s)
+    dispatch_mask[dispatch_indices2] = indices + num_tokens
+    dispatch_mask = dispatch_mask[0:-1].reshape(num_experts, -1)
+    return gates12_s, dispatch_mask, chosen, capacity_fp
+
+
+class OrtTopKGate(_Used):
+    def __init__(self, model_dim: int, num_experts: int, token_drop_type: str, capacity_factor: float = 1.0) -> None:
+        super().__init__()
+        self.wg = nn.Linear(model_dim, num_experts, bias=False)
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = capacity_factor
+        self.k = 2
+        self.token_drop_type = token_drop_type
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        logits = self.wg(input)
+        gates12_s, dispatch_mask, chosen, capacity_fp = _ort_top2gating(
+            logits,
+            self.capacity_factor if self.training else self.eval_capacity_factor,
+            self.token_drop_type,
+            self.forced,
+        )
+        self.used = chosen
+        return gates12_s, dispatch_mask, capacity_fp
+
+
+class OrtMoEBlock(nn.Module):
+    """A residual MoE block over ``[S, d]`` tokens: the gate's ``[2, S]`` weights and ``[E, C]`` table, each expert
+    run on the tokens of its row (``id % S``, the slot ``id // S``), weighted and ``index_add``-ed back."""
+
+    def __init__(self, token_drop_type: str) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.norm = nn.LayerNorm(16)
+            self.gate = OrtTopKGate(16, 4, token_drop_type, capacity_factor=0.75)
+            self.experts = nn.ModuleList(
+                nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)) for _ in range(4)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        gates12_s, dispatch_mask, _ = self.gate(h)
+        num_tokens = h.shape[0]
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            ids = dispatch_mask[e][dispatch_mask[e] >= 0]
+            tokens, slots = ids % num_tokens, ids // num_tokens
+            out.index_add_(0, tokens, expert(h[tokens]) * gates12_s[slots, tokens, None])
+        return x + out
+
+
+@pytest.mark.reliability("silent replays")
+def test_ort_moe_top2_gate_with_a_dispatch_table_replays_as_by_hand() -> None:
+    """ort_moe's ``top2gating`` with ``token_drop_type='cut'``: an argmax of the gates, an argmax of the logits
+    with the first masked, the choices past capacity cut in the ``cumsum`` order, the two gates renormalised in place
+    in a ``[2, S]`` tensor and the dispatch an ``[E, C]`` table of token ids. Found with zero configuration; the
+    recorded rows are the experts each token chose, and a replay after the gate changes forces them, in output and
+    gradients as by hand."""
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(11))
+    session = assert_exact(OrtMoEBlock("cut"), x)
+    assert session.names == ("gate",), session.names
+
+
+@pytest.mark.reliability("silent replays")
+def test_ort_moe_top2_gate_dropping_by_routing_weight_is_refused() -> None:
+    """With ``token_drop_type='routing_weight'`` each expert keeps the tokens of the highest weights: which chosen
+    experts a token keeps reads the current scores, so a replay of the choices could drop others than the capture:
+    refused with a ``MoEReplayError``, the model as it was."""
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(11))
+    assert_refused(OrtMoEBlock("routing_weight"), x, "chooses again from the current scores")
