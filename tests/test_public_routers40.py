@@ -620,17 +620,19 @@ def test_mode_router_sampling_its_experts_in_training_is_refused() -> None:
 
 
 # ----------------------------------------------------------------------- ort_moe: top2gating, a dispatch table of ids
-# pytorch/ort ort_moe/topKgate.py (``TopKGate``, ``top2gating``, ``fast_one_hot``; adapted from fairscale's
-# ``top2gating``): a bias-free ``wg`` Linear, a softmax; the first expert by ``argmax`` of the gates, one-hot by
-# ``scatter`` (int64), the second by ``argmax`` of the LOGITS with the first ``masked_fill``-ed with ``-inf``; the
-# capacity ``ceil(max(min(S, 2S/E * factor), 4))``; with ``token_drop_type='routing_weight'`` each expert keeps the
-# ``topk`` over the tokens of ``max(mask1, mask2) * gates`` (its ``capacity`` highest-weighted), with ``'cut'`` the
-# choices past capacity (``cumsum`` locations, the second choices after all the first) are cut; the two gates stored
-# as rows of a ``[2, S]`` tensor, renormalised in place (``+ 1e-9``); the dispatch a flat ``[E * C + 1]`` table of
-# token ids (``-1`` for an empty place, the second choices offset by ``S``, the dropped ones written to the last,
-# fake place) reshaped to ``[E, C]``. (The gate losses and logs, Gumbel noise, non-padding masks and the
-# straight-through variant, all off by default, are left out; the layer runs each expert on the tokens of its row
-# of the table, a loop of ours.)
+# pytorch/ort ort_moe/topKgate.py (``TopKGate``, ``top2gating``, ``top1gating``, ``multiplicative_jitter``,
+# ``fast_one_hot``; adapted from fairscale's ``top2gating``): a bias-free ``wg`` Linear, a softmax; the first expert by
+# ``argmax`` of the gates, one-hot by ``scatter`` (int64), the second by ``argmax`` of the LOGITS with the first
+# ``masked_fill``-ed with ``-inf``; the capacity ``ceil(max(min(S, 2S/E * factor), 4))``; with
+# ``token_drop_type='routing_weight'`` each expert keeps the ``topk`` over the tokens of ``max(mask1, mask2) * gates``
+# (its ``capacity`` highest-weighted), with ``'cut'`` the choices past capacity (``cumsum`` locations, the second
+# choices after all the first) are cut; the two gates stored as rows of a ``[2, S]`` tensor, renormalised in place (plus
+# ``1e-9``); the dispatch a flat ``[E * C + 1]`` table of token ids (``-1`` for an empty place, the second choices
+# offset by ``S``, the dropped ones written to the last, fake place) reshaped to ``[E, C]``. With ``k=1``: in training
+# the gate input multiplied by a cached ``Uniform(1 - eps, 1 + eps).rsample`` (``switch_jitter``), an ``argmax`` of the
+# gates, the choices past ``ceil(max(min(S, S/E * factor), 4))`` cut, the gates a ``[1, S]`` einsum of the gates and the
+# mask. (The gate losses and logs, Gumbel noise, non-padding masks and the straight-through variant, all off by default,
+# are left out; the layer runs each expert on the tokens of its row of the table, a loop of ours.)
 def _ort_fast_one_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
     assert len(indices.shape) == 1, "indices should only be one dimension"
     ret = torch.zeros(indices.shape[0], num_classes, dtype=torch.int64, device=indices.device)
@@ -694,37 +696,95 @@ def _ort_top2gating(
     return gates12_s, dispatch_mask, chosen, capacity_fp
 
 
+_ort_uniform_map: dict[torch.device, Callable] = {}
+
+
+def _ort_multiplicative_jitter(x: torch.Tensor, device: torch.device, epsilon: float = 1e-2) -> torch.Tensor:
+    if epsilon == 0:
+        return x
+    minval = torch.empty([], device=device).fill_(1.0 - epsilon)
+    maxval = torch.empty([], device=device).fill_(1.0 + epsilon)
+    uniform = _ort_uniform_map.get(device)
+    if uniform is None:
+        uniform = torch.distributions.uniform.Uniform(low=minval, high=maxval).rsample
+        _ort_uniform_map[device] = uniform
+    return x * uniform(x.shape)
+
+
+def _ort_top1gating(
+    logits: torch.Tensor, capacity_factor: float, forced: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``top1gating`` without expert slicing, its ``'cut'`` drop."""
+    gates = F.softmax(logits, dim=1)
+    num_tokens = gates.shape[0]
+    num_experts = gates.shape[1]
+    capacity_fp = max(min(num_tokens, (num_tokens / num_experts) * capacity_factor), 4)
+    capacity = math.ceil(capacity_fp)
+    indices_s = torch.argmax(gates, dim=1)
+    if forced is not None:
+        indices_s = forced[:, 0]
+    chosen = indices_s.unsqueeze(1)
+    mask1 = _ort_fast_one_hot(indices_s, num_classes=num_experts)
+    gates_nonpadding = gates
+    locations1 = torch.cumsum(mask1, dim=0) - 1
+    mask1 = mask1 * torch.lt(locations1, capacity)
+    locations1_s = torch.sum(locations1 * mask1, dim=1)
+    dispatch_mask = torch.full((num_experts * capacity + 1,), -1, dtype=torch.int64, device=logits.device)
+    indices = torch.arange(0, num_tokens, dtype=torch.int64, device=logits.device)
+    mask_sum = torch.sum(mask1, dim=1)
+    dispatch_indices = torch.where(mask_sum == 0, -1, indices_s * capacity + locations1_s)
+    dispatch_mask[dispatch_indices] = indices
+    dispatch_mask = dispatch_mask[0:-1].reshape(num_experts, -1)
+    mask1_float = mask1.float()
+    gates_nonpadding = gates_nonpadding.float()
+    gates1_s = torch.einsum("se,se->s", gates_nonpadding, mask1_float).reshape(1, -1)
+    return gates1_s, dispatch_mask, chosen, capacity_fp
+
+
 class OrtTopKGate(_Used):
-    def __init__(self, model_dim: int, num_experts: int, token_drop_type: str, capacity_factor: float = 1.0) -> None:
+    def __init__(
+        self,
+        model_dim: int,
+        num_experts: int,
+        token_drop_type: str,
+        capacity_factor: float = 1.0,
+        k: int = 2,
+        switch_jitter: float = 0.0,
+    ) -> None:
         super().__init__()
         self.wg = nn.Linear(model_dim, num_experts, bias=False)
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = capacity_factor
-        self.k = 2
+        self.k = k
+        self.switch_jitter = switch_jitter
         self.token_drop_type = token_drop_type
 
     def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        assert self.k == 1 or self.k == 2, "k can only be 1 or 2"
+        if self.training and self.k == 1 and self.switch_jitter > 0:
+            input = _ort_multiplicative_jitter(input, device=input.device, epsilon=self.switch_jitter)
         logits = self.wg(input)
-        gates12_s, dispatch_mask, chosen, capacity_fp = _ort_top2gating(
-            logits,
-            self.capacity_factor if self.training else self.eval_capacity_factor,
-            self.token_drop_type,
-            self.forced,
-        )
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.k == 1:
+            gates_s, dispatch_mask, chosen, capacity_fp = _ort_top1gating(logits, factor, self.forced)
+        else:
+            gates_s, dispatch_mask, chosen, capacity_fp = _ort_top2gating(
+                logits, factor, self.token_drop_type, self.forced
+            )
         self.used = chosen
-        return gates12_s, dispatch_mask, capacity_fp
+        return gates_s, dispatch_mask, capacity_fp
 
 
 class OrtMoEBlock(nn.Module):
     """A residual MoE block over ``[S, d]`` tokens: the gate's ``[2, S]`` weights and ``[E, C]`` table, each expert
     run on the tokens of its row (``id % S``, the slot ``id // S``), weighted and ``index_add``-ed back."""
 
-    def __init__(self, token_drop_type: str) -> None:
+    def __init__(self, token_drop_type: str, k: int = 2, switch_jitter: float = 0.0) -> None:
         super().__init__()
         with torch.random.fork_rng():
             torch.manual_seed(0)
             self.norm = nn.LayerNorm(16)
-            self.gate = OrtTopKGate(16, 4, token_drop_type, capacity_factor=0.75)
+            self.gate = OrtTopKGate(16, 4, token_drop_type, capacity_factor=0.75, k=k, switch_jitter=switch_jitter)
             self.experts = nn.ModuleList(
                 nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)) for _ in range(4)
             )
@@ -750,6 +810,18 @@ def test_ort_moe_top2_gate_with_a_dispatch_table_replays_as_by_hand() -> None:
     gradients as by hand."""
     x = torch.randn(12, 16, generator=torch.Generator().manual_seed(11))
     session = assert_exact(OrtMoEBlock("cut"), x)
+    assert session.names == ("gate",), session.names
+
+
+@pytest.mark.reliability("silent replays")
+def test_ort_moe_top1_gate_with_multiplicative_jitter_replays_as_by_hand() -> None:
+    """ort_moe's ``top1gating`` in training: the gate input multiplied by a ``Uniform(1 - eps, 1 + eps)`` sample
+    (a cached ``rsample`` of ``torch.distributions``), an argmax of the softmax gates, the tokens past capacity cut,
+    the gate of each kept token a ``[1, S]`` einsum of the gates and the mask. Found with zero configuration; the
+    recorded rows are the experts each token chose, and a replay after the gate changes forces them, in output and
+    gradients as by hand (the jitter drawn alike under the same seed)."""
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(12))
+    session = assert_exact(OrtMoEBlock("cut", k=1, switch_jitter=0.1), x, train=True)
     assert session.names == ("gate",), session.names
 
 
