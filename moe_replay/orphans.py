@@ -333,6 +333,16 @@ _CONVERSIONS = frozenset(
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+def _mask_arithmetic(
+    thresholds: dict[int, tuple[weakref.ref[torch.Tensor], Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor | None:
+    """The largest threshold's mask (or mask cast) among the operands of this elementwise arithmetic (a scaling by a
+    number, a shift, an addition of another tensor: ``keep.long() * 2``, ``keep.float() + bonus``), or None. The
+    result, as many entries, keeps the mask's order: ranked, it tells the tokens the mask does."""
+    held = [a for a in _flat(args, kwargs) if _weak_get(thresholds, a) is not None]
+    return max(held, key=lambda t: t.numel()) if held else None
+
+
 def _tensor_funcs(names: str) -> frozenset[Any]:
     """The functions of ``torch`` and methods of ``torch.Tensor`` of these names (those that exist)."""
     return frozenset(
@@ -1008,7 +1018,7 @@ class OrphanWatch(TorchFunctionMode):
             func in TOKEN_MASKS
             or func in _THRESHOLDS
             or func in _MASK_LOGIC
-            or (self.thresholds and (func in _MASK_CASTS or func in _HOST_READS))
+            or (self.thresholds and (func in _MASK_CASTS or func in _HOST_READS or func in _SCALINGS))
         ) and not torch.compiler.is_compiling():
             masked = self._holder_mask(func, args, kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
@@ -1437,6 +1447,9 @@ class OrphanWatch(TorchFunctionMode):
         cast = func in _MASK_CASTS or func in _HOST_READS
         if cast and _weak_get(self.thresholds, args[0] if args else None) is not None:
             pass  # (a threshold's mask cast, copied or read on the host: followed, or noted, in _mask_use)
+        elif func in _SCALINGS:  # (a threshold's mask, cast, then scaled or shifted: followed in _mask_use)
+            if _mask_arithmetic(self.thresholds, args, kwargs) is None:
+                return None  # (arithmetic on anything else, a boolean input among them: no mask)
         elif func in _THRESHOLDS:
             x = _arg(args, kwargs, 0, "input")
             if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1):
@@ -1469,6 +1482,11 @@ class OrphanWatch(TorchFunctionMode):
             return
         if func in _MASK_CASTS and _weak_get(self.thresholds, first) is not None:
             if isinstance(out, torch.Tensor):  # (its values in another dtype, or on another device: the mask still)
+                _weak_put(self.thresholds, out, True)
+            return
+        if func in _SCALINGS:  # (scaled, shifted or added to: as many entries ranked tell the tokens the mask does)
+            mask = _mask_arithmetic(self.thresholds, args, kwargs)
+            if mask is not None and isinstance(out, torch.Tensor) and out.numel() <= mask.numel():
                 _weak_put(self.thresholds, out, True)
             return
         if func in _THRESHOLDS or func in _MASK_LOGIC:

@@ -197,7 +197,7 @@ def _pick(scores: torch.Tensor, how: str) -> torch.Tensor:
         return torch.tensor([j for j in range(keep.shape[0]) if keep[j].item()], dtype=torch.long)
     if how == "nonzero":
         return keep.long().nonzero().squeeze(-1)
-    if how == "scaled":  # (the mask cast, then scaled: arithmetic on it, followed no further)
+    if how == "scaled":  # (the mask cast, then scaled: arithmetic that keeps its order)
         return (keep.long() * 2).argsort(descending=True, stable=True)[: int(keep.sum())].sort().values
     if how == "numpy":
         return torch.from_numpy(np.flatnonzero(keep.cpu().numpy())).long()
@@ -287,13 +287,9 @@ def test_a_threshold_told_by_ranking_its_mask_cast_to_integers_is_checked(how: s
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a threshold's mask is followed through casts, not through arithmetic after them: the ranking of "
-    "keep.long() * 2 is not recorded",
-)
 def test_a_threshold_told_by_ranking_its_mask_cast_then_scaled_is_checked() -> None:
-    """The same threshold, its tokens told by an argsort of the mask cast to integers and scaled."""
+    """Once silent: the same threshold, its tokens told by an argsort of the mask cast to integers and scaled, was
+    followed no further than the cast. Now the mask is followed through arithmetic that keeps its order: checked."""
     _threshold_replays("scaled")
 
 
