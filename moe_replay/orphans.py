@@ -77,8 +77,10 @@ scores made whole since, a ``round`` cast to integers, are scores still) are fol
 view, copy (``copy_``, ``new_tensor``), cast or scale them, join them with others (``cat``, ``stack``, ``pad``),
 scatter them into a dense table (a combine tensor), reduce them (a token's total weight, an expert's load), map them
 elementwise (``exp``, ``log``, any other call keeping their shape) or multiply them into no more entries (``w @ M``, an
-``einsum``, or a dense table over a bank's experts; not a product into the hidden states' width, a combine of the
-experts' outputs, nor an elementwise product with anything larger), and in a module of an MoE block outside every router
+``einsum``, or a dense table over a bank's experts), or into any number with weights or tables made in the forward alone
+(``w @ M`` as wide as the hidden states; not a product with a tensor made from the forward's input, the experts'
+outputs combined or the hidden states dispatched, nor an elementwise product with anything larger), and in a module of
+an MoE block outside every router
 (or one holding a router below it; not the model's own forward, whose top-k of all router logits feeds an auxiliary
 loss) a ranking of them is refused as made (of a statistic over the tokens, only where its indices are read); a ``max``
 or ``min`` along a dimension only where a later call reads its indices, and a threshold only where its mask is used
@@ -430,6 +432,15 @@ _RUNNING = _tensor_funcs("cumsum cumprod")
 #: The Python iteration of a tensor (``for w in weights``, a list comprehension over it): its rows hold its values.
 _ITERATE = frozenset((torch.Tensor.__iter__,))
 
+
+#: Calls that read only the dtype, device or shape of their arguments after the first (``w.type_as(x)``,
+#: ``w.expand_as(x)``): the data of the forward they are given is not carried into their result.
+_SHAPE_OF_OTHERS = _tensor_funcs("type_as expand_as view_as reshape_as to new_zeros new_ones new_empty new_full")
+#: In-place calls whose first argument takes in the values of the others (``out[tok] = y``, ``out.index_add_``).
+_WRITES = frozenset((torch.Tensor.__setitem__,)) | _tensor_funcs(
+    "copy_ index_add_ index_copy_ index_put_ masked_scatter_ scatter_ scatter_add_ scatter_reduce_ put_ add_ sub_ mul_ "
+    "div_ addcmul_ addcdiv_ __iadd__ __isub__ __imul__ __itruediv__"
+)
 
 #: Logical combinations of masks (a threshold's mask combined with another stays a threshold's).
 _LOGICAL = _tensor_funcs(
@@ -860,8 +871,8 @@ class OrphanWatch(TorchFunctionMode):
         #: which may be made a Python number (logged) without choosing anything
         self.reduced: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
         #: the widths of the hidden states the routers read (their 2-D weights' inputs) and of the watched forward's
-        #: floating inputs: a product of the values with one of this width is a combine of the experts' outputs, the
-        #: hidden states, which are not followed
+        #: floating inputs: a product of the values into this width is followed only with weights or tables (see
+        #: :attr:`data`), as one into more entries is
         self.features = {
             int(p.shape[-1])
             for scope in self.scopes
@@ -871,6 +882,14 @@ class OrphanWatch(TorchFunctionMode):
         }
         #: the later choices by score found (see :meth:`_later`): reported by :meth:`check` apart from the orphans
         self.later_found: list[str] = []
+        #: tensors made from the watched forward's input (see :meth:`seed`): the hidden states, the experts' outputs,
+        #: any call's result given one (not a router's returned values, see :meth:`returned`). A product of a router's
+        #: values with one is a combine (of the experts' outputs) or a dispatch of the hidden states, not followed;
+        #: with a weight or a table made in the forward (``weights @ M``), its result holds their scores still
+        self.data: dict[int, tuple[weakref.ref[torch.Tensor], Any]] = {}
+        #: whether each module run is an expert or a bank of them, or inside one (see :meth:`_in_bank`), by its path:
+        #: what it returns is the experts' outputs, data of the forward whatever it was given
+        self.banked: dict[str, bool] = {}
 
     def seed(self, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> None:
         """Mark the dimensions of the tensors the watched forward is called with as the input's (tokens, batch,
@@ -879,6 +898,8 @@ class OrphanWatch(TorchFunctionMode):
         self.axes.seed(values)
         self.tokens = _token_count(values)
         self.features.update(int(t.shape[-1]) for t in _tensors(list(values), 1) if t.is_floating_point() and t.dim())
+        for t in _tensors(list(values), 2):
+            _weak_put(self.data, t, True)
 
     def _in_moe(self, name: str) -> bool:
         """Inside an MoE block (a module holding experts), and not inside attention?
@@ -1129,9 +1150,12 @@ class OrphanWatch(TorchFunctionMode):
             and func not in _UNIFORM
             and not self.scored
             and not self.later
+            and not self.data
         ):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        if self.data and not torch.compiler.is_compiling():
+            self._carry_data(func, args, kwargs, out)
         if (self.scored or self.later) and not torch.compiler.is_compiling():
             out = self._later(func, args, kwargs, out)
         if ranking is not None:
@@ -1167,9 +1191,18 @@ class OrphanWatch(TorchFunctionMode):
         too) are followed (:attr:`scored`), so a later choice by them outside every router is seen (see
         :meth:`_later`)."""
         name = self.names.get(id(module))
+        if name is not None and name not in self.scopes:
+            banked = self.banked.get(name)
+            if banked is None:
+                banked = self.banked[name] = bool(name) and self._in_bank(name)
+            if banked:  # (the experts' outputs: a product of a router's values with them is a combine)
+                for t in _tensors(out, 2):
+                    _weak_put(self.data, t, True)
         if name is None or name not in self.scopes or any(_holds_experts(m) for m in module.modules()):
             return
         tensors = _tensors(out, 2)
+        for t in tensors:  # (the router's values: made from the hidden states, but a product with them is no combine)
+            self.data.pop(id(t), None)
         ints = [t for t in tensors if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
         for t in tensors:
             if t.is_floating_point() and t.dim() >= 1 and not _whole(t):  # (not counts, nor ids cast to floats)
@@ -1177,6 +1210,21 @@ class OrphanWatch(TorchFunctionMode):
                 _weak_put(self.raw, t, True)
                 if not _slot_pattern(t, ints):  # (its zeros are not the unfilled slots: a threshold at zero chooses)
                     _weak_put(self.shifted, t, True)
+
+    def _carry_data(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Note the result of a call given a tensor made from the watched forward's input as one too
+        (:attr:`data`), and the first argument of an in-place call that writes such a tensor's values into it; not
+        where the call reads only their shape (:data:`_FRESH`, :data:`_SHAPE_OF_OTHERS` of the arguments after the
+        first)."""
+        if func in _FRESH and func is not torch.Tensor.copy_:
+            return
+        given = _tensors(args[0], 1) if func in _SHAPE_OF_OTHERS and args else _flat(args, kwargs)
+        if not any(_weak_get(self.data, t) is not None for t in given):
+            return
+        for t in _tensors(out, 1):
+            _weak_put(self.data, t, True)
+        if func in _WRITES and args and isinstance(args[0], torch.Tensor):
+            _weak_put(self.data, args[0], True)
 
     def follow_returns(self) -> Any:
         """A global forward hook (returned: its handle, to remove) that tells this watch what each module run returns,
@@ -1300,11 +1348,16 @@ class OrphanWatch(TorchFunctionMode):
         elif func in _PRODUCTS:  # (mixed by another operand: its zeros are the router's only where it has no negatives)
             others = [a for a in tensors if _weak_get(self.scored, a) is None and a.is_floating_point()]
             moved = shifted or any(map(_negative, others))
-            for t in results:  # (as many entries, or a dense table of them over a bank's experts; not the hidden
-                # states, a combine of the experts' outputs)
+            # (into more entries or the hidden states' width: with a tensor made from the forward's input, the
+            # experts' outputs or the hidden states, a combine or a dispatch, not followed; with only weights or
+            # tables made in the forward, ``weights @ M`` however wide, their scores still)
+            table = not any(_weak_get(self.data, a) is not None for a in tensors) and all(
+                a.dim() <= 2 or self._weight(a) is not None for a in others
+            )
+            for t in results:  # (as many entries, or a dense table of them over a bank's experts)
                 dense = t.dim() >= 1 and int(t.shape[-1]) in self.widths and t.numel() <= largest * max(self.widths)
                 hidden = t.dim() >= 1 and int(t.shape[-1]) in self.features
-                if (t.numel() <= largest or dense) and not hidden:
+                if ((t.numel() <= largest or dense) and not hidden) or table:
                     self._scored_result(t, router, moved, t.numel() == 1 and largest > 1)
         elif results and (func in _SCALINGS or func in ELEMENTWISE):
             moved = shifted or func in _SHIFTS or (func not in _SCALINGS and func not in _KEEP_ZERO)

@@ -279,14 +279,10 @@ def test_statistics_of_the_routers_values_kept_as_python_numbers_are_no_choice(h
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a product of the values a router returns into as many columns as the hidden states have is taken for a "
-    "combine of the experts' outputs and not followed: weights @ M with M as wide as the hidden states, then ranked, "
-    "replays silently on other tokens",
-)
 def test_a_later_choice_by_a_product_as_wide_as_the_hidden_states_is_refused() -> None:
-    """Refused at the first capture with the module that chose; the model as it was."""
+    """Once silent: a product of the weights into as many columns as the hidden states have was taken for a combine
+    of the experts' outputs and not followed. Now a product is a combine only where its other operand is made from
+    the forward's input: refused at the first capture with the module that chose; the model as it was."""
     model = _model(_Drop, "hidden")
     before = snapshot(model)
     with pytest.raises(mr.UnsupportedRouterError, match=r"choice by score[\s\S]*'layers.0' \(_Drop\)"):
