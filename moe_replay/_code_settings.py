@@ -901,15 +901,16 @@ _NAMES_READ: weakref.WeakKeyDictionary[type, dict[Any, frozenset[str] | None]] =
 
 def attribute_names_read(module: nn.Module) -> frozenset[str] | None:
     """Every name the code that ``module``'s forward runs may read its attributes by: the names and string
-    constants of its forward, the methods, properties and functions it reaches, and the functions defined in them,
-    followed to any depth; or None where that reading is not complete (no Python forward; a name that reads
-    attributes otherwise than by a name written in the code: ``getattr(self, name)``, ``vars(self)``,
-    ``self.__dict__``, ``super()``, ``self.named_buffers()``; the module handed on as a value, to code not read
-    here: ``helper(self)``, ``f"{self}"``; a class attribute that is another kind of descriptor, or a callable
-    attribute of the module's that is no function; an override of attribute lookup or of ``__call__``; more code
-    than a bound). An attribute of the module whose name is not among them is never read by its forward: a record
-    the code around it keeps there (the ids a block stores on its gate after the gate returns), not a setting.
-    Read from the code; nothing runs."""
+    constants of its forward, the methods, properties and functions it reaches, the functions defined in them, and
+    the methods it names of the objects of the user's classes it reaches (a helper object it holds, in a list too,
+    or a global holds: see :func:`_held_methods`), followed to any depth; or None where that reading is not complete
+    (no Python forward; a name that reads attributes otherwise than by a name written in the code: ``getattr(self,
+    name)``, ``vars(self)``, ``self.__dict__``, ``super()``, ``self.named_buffers()``; the module handed on as a
+    value, to code not read here: ``helper(self)``, ``f"{self}"``; a class attribute that is another kind of
+    descriptor, or a callable attribute of the module's that is no function; an override of attribute lookup or of
+    ``__call__``; more code than a bound). An attribute of the module whose name is not among them is never read by
+    its forward: a record the code around it keeps there (the ids a block stores on its gate after the gate
+    returns), not a setting. Read from the code; nothing runs."""
     cls = type(module)
     for klass in cls.__mro__:
         if klass is nn.Module:
@@ -934,9 +935,12 @@ def attribute_names_read(module: nn.Module) -> frozenset[str] | None:
     # (callables the module holds itself that its code names: a function followed; another object is not read)
     own = module.__dict__
     extra: set[str] = set()
+    held: list[Any] = []
     for name in found & own.keys():
         value = own[name]
         if isinstance(value, nn.Module | torch.Tensor) or not callable(value):
+            if not isinstance(value, nn.Module | torch.Tensor) and _user_object(value):
+                held.append(value)  # (a helper object it holds: its methods its code names are read below)
             continue
         inner = _function(value) if isinstance(value, types.FunctionType | types.MethodType) else None
         if inner is None:
@@ -944,6 +948,11 @@ def attribute_names_read(module: nn.Module) -> frozenset[str] | None:
         if isinstance(value, types.MethodType) and value.__self__ is not module:
             return None  # (a method of another object: what it holds is not read here)
         more = _names_read(inner, cls if isinstance(value, types.MethodType) else None)
+        if more is None:
+            return None
+        extra |= more
+    if held:
+        more = _names_read(None, None, held=held, names=found | extra)
         if more is None:
             return None
         extra |= more
@@ -1010,21 +1019,50 @@ def _class_method(cls: type, fn: types.FunctionType) -> bool:
 
 
 def _names_read(
-    fn: types.FunctionType, cls: type | None, into: list[types.CodeType] | None = None
+    fn: types.FunctionType | None,
+    cls: type | None,
+    into: list[types.CodeType] | None = None,
+    held: Iterable[Any] = (),
+    names: Iterable[str] = (),
 ) -> frozenset[str] | None:
     """The names and string constants of ``fn``'s code and of all it reaches (see :func:`attribute_names_read`), its
     first argument the module where ``cls`` is given (a method of it); None where the reading is not complete.
-    ``into``: gets every code object read (nested ones too)."""
-    names: set[str] = set()
+    ``into``: gets every code object read (nested ones too). The objects of the user's classes that code reaches (in
+    a global, a closure cell, or ``held``: those a module holds, read with ``names`` at first) are read too, by the
+    methods of theirs it names (see :func:`_held_methods`): a helper object's method that reads a router's attribute
+    reads it as the router's own code would."""
+    found: set[str] = set(names)
     seen: set[types.CodeType] = set()
-    todo: list[tuple[types.FunctionType, type | None, bool]] = [(fn, cls, cls is not None)]
+    todo: list[tuple[types.FunctionType, type | None, bool]] = [(fn, cls, cls is not None)] if fn is not None else []
+    objects: list[Any] = list(held)
+    while True:
+        if not _read_todo(todo, seen, found, objects, into):
+            return None
+        more = _held_methods(objects, found)
+        if more is None:
+            return None
+        todo = [t for t in more if t[0].__code__ not in seen]
+        if not todo:
+            return frozenset(found)
+
+
+def _read_todo(
+    todo: list[tuple[types.FunctionType, type | None, bool]],
+    seen: set[types.CodeType],
+    names: set[str],
+    objects: list[Any],
+    into: list[types.CodeType] | None,
+) -> bool:
+    """Reads the functions of ``todo`` and all they reach for :func:`_names_read`, into ``names``, ``seen`` and
+    ``into``; the objects of the user's classes their globals and cells hold into ``objects``. False where the
+    reading is not complete."""
     while todo:
         f, owner, is_method = todo.pop()
         if f.__code__ in seen:
             continue
         seen.add(f.__code__)
         if len(seen) > _READ_BUDGET:
-            return None
+            return False
         top = f.__code__
         me = top.co_varnames[0] if is_method and top.co_argcount else None
         codes = [top]
@@ -1035,11 +1073,11 @@ def _names_read(
             read.append(c)
             codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
             if not _DYNAMIC_READS.isdisjoint(c.co_names):
-                return None
+                return False
             mine.update(c.co_names)
             mine.update(k for k in c.co_consts if type(k) is str)
             if me is not None and _escapes(c, me):
-                return None
+                return False
         names |= mine
         if into is not None:
             into.extend(read)
@@ -1055,7 +1093,9 @@ def _names_read(
                 # attributes read unseen; one in a cell whose code only reads or writes its attributes by name, or
                 # takes its class or identity, reads the names counted here already)
                 if cells is None or name not in cells.cells or any(_escapes(c, name) for c in read):
-                    return None
+                    return False
+            elif value is not _MISSING and _user_object(value):
+                objects.append(value)  # (a helper object, or a list of them: its methods named are read after)
             if owner is None:
                 continue
             # (as the instance finds it in its class: not the class's own ``__name__``, which its metaclass holds,
@@ -1072,8 +1112,102 @@ def _names_read(
             elif isinstance(attr, property):
                 todo.extend((g, owner, True) for g in (attr.fget, attr.fset) if isinstance(g, types.FunctionType))
             elif attr is not _MISSING and hasattr(type(attr), "__get__") and not isinstance(attr, type):
-                return None  # (another descriptor: its __get__ is handed the module)
-    return frozenset(names)
+                return False  # (another descriptor: its __get__ is handed the module)
+    return True
+
+
+#: the types whose values hold no code of the user's: numbers, strings, and what torch and Python describe
+_PLAIN_VALUES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.Tensor)
+#: how many objects and items :func:`_held_methods` looks at before it calls its reading not complete
+_HELD_BUDGET = 4096
+
+
+def _user_object(value: Any) -> bool:
+    """Is ``value`` an object whose methods may be the user's code (an instance of a class of the user's, a module
+    too, a callable one; a class of the user's, by its static and class methods), or a container that may hold one
+    (a list, tuple, set or dict)? Not a plain value, a function, a Python module, nor an object or class of a
+    library's (torch's, numpy's)."""
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        return True
+    if isinstance(value, (*_PLAIN_VALUES, types.ModuleType, types.FunctionType, types.MethodType)):
+        return False  # (a function is read where it is found: see _read_todo)
+    if isinstance(value, types.BuiltinFunctionType | types.BuiltinMethodType | functools.partial):
+        return False
+    return not _skipped(value)
+
+
+def _held_methods(objects: Sequence[Any], names: set[str]) -> list[tuple[types.FunctionType, type | None, bool]] | None:
+    """The functions code that names ``names`` may run through ``objects`` (objects of the user's classes, and
+    containers of them, that it reaches: see :func:`_user_object`), as :func:`_names_read` reads them: the methods,
+    properties, static and class methods their classes hold under one of ``names``, and the functions and bound
+    methods they hold themselves under one, followed through the objects they hold under one (a helper that holds
+    the router, in a list too). ``self.helper.shift(ids)`` runs ``shift`` of the helper's class, whose reads of the
+    router's attributes are reads all the same. None where that is not known: a class that looks its attributes up
+    in code (``__getattr__``), another kind of descriptor, a callable that is no function, too many objects."""
+    out: list[tuple[types.FunctionType, type | None, bool]] = []
+    todo = list(objects)
+    seen: set[int] = set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, _PLAIN_VALUES):
+            continue
+        seen.add(id(obj))
+        if len(seen) > _HELD_BUDGET:
+            return None
+        if isinstance(obj, list | tuple | set | frozenset | dict):
+            items = [v for v in (obj.values() if isinstance(obj, dict) else obj) if not isinstance(v, _PLAIN_VALUES)]
+            if len(items) > _HELD_BUDGET:
+                return None
+            todo += items
+            continue
+        if not _user_object(obj):
+            continue
+        klass = isinstance(obj, type)  # (a class: its functions are called unbound, its static and class methods)
+        cls = obj if klass else type(obj)
+        if not (isinstance(obj, nn.Module) or klass) and any(
+            _in_class(cls, name) is not _OBJECTS.get(name, _MISSING) for name in ("__getattr__", "__getattribute__")
+        ):
+            return None  # (its attributes looked up in code of its class's)
+        for name in sorted(names | {"__call__"} if not klass else names):
+            attr = _in_class(cls, name)
+            if attr is _MISSING or _OBJECTS.get(name, _MISSING) is attr or (name == "__call__" and _skipped(attr)):
+                continue
+            if isinstance(attr, types.FunctionType):
+                out.append((attr, None if klass else cls, not klass))
+            elif isinstance(attr, staticmethod | classmethod):
+                inner = _function(attr)
+                if inner is None:
+                    return None
+                out.append((inner, None, False))
+            elif isinstance(attr, property):
+                if not klass:
+                    out.extend((g, cls, True) for g in (attr.fget, attr.fset) if isinstance(g, types.FunctionType))
+            elif hasattr(type(attr), "__get__") and not isinstance(attr, type) and not _skipped(attr):
+                return None  # (another descriptor, a partialmethod: its __get__ is handed the object)
+        if klass:
+            continue  # (what a class holds besides is read by the names counted already)
+        try:
+            own = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            continue  # (slots only: what they hold is read by the names counted already)
+        for name in names & own.keys():
+            value = own[name]
+            if isinstance(value, types.FunctionType):
+                out.append((value, None, False))
+            elif isinstance(value, types.MethodType):
+                inner = _function(value)
+                if inner is None:
+                    return None
+                out.append((inner, type(value.__self__), True))
+                todo.append(value.__self__)
+            elif callable(value) and not isinstance(value, nn.Module | type) and not _skipped(value):
+                inner = _function(value)
+                if inner is None:
+                    return None
+                out.append((inner, None, False))
+            else:
+                todo.append(value)
+    return out
 
 
 #: what ``object`` holds for every instance (its ``__class__``, ``__init__``, ``__eq__``...)
@@ -1971,13 +2105,18 @@ def codes_read(module: nn.Module) -> list[types.CodeType] | None:
     if _names_read(fn, cls, out) is None:
         return None
     own = module.__dict__
+    held: list[Any] = []
     for name in found & own.keys():
         value = own[name]
         if isinstance(value, nn.Module | torch.Tensor) or not callable(value):
+            if not isinstance(value, nn.Module | torch.Tensor) and _user_object(value):
+                held.append(value)
             continue
         inner = _function(value)
         if inner is None or _names_read(inner, cls if isinstance(value, types.MethodType) else None, out) is None:
             return None
+    if held and _names_read(None, None, out, held=held, names=found) is None:
+        return None
     return out
 
 

@@ -1,0 +1,192 @@
+"""The code a router's settings are read by, followed through the objects of the user's classes it reaches: a helper
+object its module holds (alone or in a list), one a global holds, a callable one, a class's static method. Such code
+that shifts the ids after the decision by the router's offset reads that offset after the decision: the offset is
+kept with the routes and a change of it between the capture and the replay block is refused, also where the
+router's own code reads it only into its decision call's scores (where it was taken for a setting read before the
+decision alone) or never names it (where it was taken for an attribute no code reads). A helper that reads no
+setting leaves a temperature read only into the decision call out of the routes: its change still replays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+from tests.test_evidence import D
+from tests.test_review71 import E, _Model
+from tests.test_review77 import _run
+
+
+class _Helper:
+    """A plain object of the user's that shifts ids by the offset of the router it holds (in a list)."""
+
+    def __init__(self, router: nn.Module) -> None:
+        self.held = [router]
+
+    def shift(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids + self.held[0].offset) % E
+
+
+class _Caller:
+    """A callable object of the user's that shifts ids by the offset of the router it holds."""
+
+    def __init__(self, router: nn.Module) -> None:
+        self.router = router
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids + self.router.offset) % E
+
+
+class _Registry:
+    """A class of the user's whose static method shifts ids by the offset of the router last registered."""
+
+    routers: ClassVar[list[nn.Module]] = []
+
+    @staticmethod
+    def shift(ids: torch.Tensor) -> torch.Tensor:
+        return (ids + _Registry.routers[-1].offset) % E
+
+
+_HELPERS: list[Any] = []
+
+
+class _Router(nn.Module):
+    """A top-2 router over scores a temperature divides, whose ids a helper of ``how``'s kind shifts after its top-k
+    by its offset; its own code reads the offset only into its top-k's scores (a factor that changes no choice)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.offset = 1
+        self.temperature = 1.0
+        self.how = how
+        if how == "held":
+            self.helper = _Helper(self)
+        elif how == "held in a list":
+            self.helpers = [_Helper(self)]
+        elif how == "global":
+            _HELPERS.append(_Helper(self))
+        elif how == "callable global":
+            _HELPERS.append(_Caller(self))
+        else:
+            _Registry.routers.append(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = (self.gate(x) * (self.offset > 0) / self.temperature).softmax(-1).topk(2, dim=-1)
+        return v / v.sum(-1, keepdim=True), self._shifted(i)
+
+    def _shifted(self, i: torch.Tensor) -> torch.Tensor:
+        if self.how == "held":
+            return self.helper.shift(i)
+        if self.how == "held in a list":
+            return self.helpers[0].shift(i)
+        if self.how == "global":
+            return _HELPERS[-1].shift(i)
+        if self.how == "callable global":
+            return _HELPERS[-1](i)
+        return _Registry.shift(i)
+
+
+class _Unnamed(_Router):
+    """:class:`_Router` whose own code never names the offset (only its helper's does)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = (self.gate(x) / self.temperature).softmax(-1).topk(2, dim=-1)
+        return v / v.sum(-1, keepdim=True), self.helper.shift(i)
+
+
+def _hot(r: _Router) -> None:
+    """A sharp temperature and a flipped gate: a plain forward runs other experts."""
+    r.temperature = 0.05
+    with torch.no_grad():
+        r.gate.weight.mul_(-1)
+
+
+@pytest.mark.reliability("silent replays")
+@pytest.mark.parametrize(
+    ("how", "make"),
+    [
+        ("held", _Router),
+        ("held", _Unnamed),
+        ("held in a list", _Router),
+        ("global", _Router),
+        ("callable global", _Router),
+        ("static method", _Router),
+    ],
+    ids=["held", "held, never named", "held in a list", "global", "callable global", "static method"],
+)
+def test_an_offset_a_helper_objects_method_reads_after_the_decision_changed_between_blocks_is_refused(
+    how: str, make: Callable[[str], _Router]
+) -> None:
+    """The router's ids are shifted after its top-k by a method of a helper object of the user's (held by the
+    router, in a list, in a global, a callable one, a class's static method) that reads the router's offset; the
+    router's own code reads the offset only into its top-k's scores, or never. Its temperature (read only into the
+    top-k's scores) changed between the capture and the replay block: the replay runs the captured experts on the
+    captured tokens (the helper's code is read, not given up on). Its offset changed instead (a plain forward then
+    runs other experts): the replay is refused naming it."""
+    model = _Model()
+    model.block.router = make(how)
+    captured, plain, replayed = _run(model, _hot)
+    assert plain != captured, "the changed router runs the same experts: tries nothing"
+    assert replayed == captured
+    model.block.router = make(how)
+    ran: list[list[Any]] = []
+
+    def shift(r: _Router) -> None:
+        ran.append(sorted(model.block.ran[-1]))
+        r.offset = 2
+
+    with pytest.raises(mr.SessionStateError, match="'offset'"):
+        _run(model, shift)
+    assert sorted(model.block.ran[-1]) != ran[0], "the changed offset runs the same experts: tries nothing"
+
+
+class _Logger:
+    """A plain object of the user's that keeps what it is handed (reads no setting of the router's)."""
+
+    def __init__(self) -> None:
+        self.kept: list[torch.Tensor] = []
+
+    def note(self, ids: torch.Tensor) -> None:
+        self.kept.append(ids.detach().clone())
+
+
+class _TempLogged(nn.Module):
+    """A top-2 router over scores a temperature divides (read only into its top-k's scores), its ids shifted after
+    by an offset, and noted by a helper object it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.temperature = 1.0
+        self.offset = 1
+        self.log = _Logger()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = (self.gate(x) / self.temperature).softmax(-1).topk(2, dim=-1)
+        ids = (i + self.offset) % E
+        self.log.note(ids)
+        return v / v.sum(-1, keepdim=True), ids
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_temperature_of_a_router_holding_a_helper_that_reads_no_setting_changed_between_blocks_replays() -> None:
+    """The router holds a helper object whose method it calls (it reads none of its settings): its temperature, read
+    only into its top-k's scores, changed between the capture and the replay block (a plain forward then runs other
+    experts), the replay runs the captured experts on the captured tokens."""
+    model = _Model()
+    model.block.router = _TempLogged()
+
+    def hot(r: _TempLogged) -> None:
+        r.temperature = 0.05
+        with torch.no_grad():
+            r.gate.weight.mul_(-1)
+
+    change: Callable[[Any], None] = hot
+    captured, plain, replayed = _run(model, change)
+    assert plain != captured, "the changed router runs the same experts: tries nothing"
+    assert replayed == captured
