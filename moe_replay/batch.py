@@ -244,7 +244,12 @@ class BatchLayout:
             raise InvalidArgumentError(f"got {len(ps)} prompt lengths for {len(ls)} sequences")
         short = [i for i, (p, n) in enumerate(zip(ps, ls, strict=True)) if n < p]
         if short:
-            raise InvalidArgumentError(f"sequence {short[0]} is shorter than its prompt")
+            i = short[0]
+            raise InvalidArgumentError(
+                f"sequence {i} is shorter than its prompt: {ls[i]} tokens in all, prompt_lengths[{i}]={ps[i]}. "
+                "lengths are whole sequences (prompt plus completion), one per prompt length in the same order: "
+                "pass each sequence's prompt length and its whole length"
+            )
         pw = max(ps) if prompt_width is None else check_count(prompt_width, "prompt_width")
         if pw < max(ps):
             raise InvalidArgumentError(f"prompt_width={pw} is shorter than the longest prompt ({max(ps)} tokens)")
@@ -347,7 +352,9 @@ class BatchLayout:
         total = self.rows * self.row_length
         if routes.num_tokens != total:
             raise RoutesValidationError(
-                f"these routes hold {routes.num_tokens} rows, a [{self.rows}, {self.row_length}] batch has {total}"
+                f"these routes hold {routes.num_tokens} rows, a [{self.rows}, {self.row_length}] batch has {total}: "
+                "unpack takes the routes of one forward over this layout's whole batch (padding included). Pass "
+                "those, or build the layout of the batch they were recorded on"
             )
         routes = in_token_order(routes, "BatchLayout.unpack")
         self._check_fed_mask(routes._fed_mask)

@@ -232,7 +232,13 @@ def ordered(routes: Routes, lm: LayerMap) -> list[torch.Tensor | None]:
     routes._ensure_valid()
     missing = [n for n in lm.names if n not in routes.names and n not in lm.extra_names]
     if missing:
-        raise RoutesValidationError(f"the routes hold no rows for routers {missing[:4]} of the LayerMap")
+        raise RoutesValidationError(
+            f"the routes hold no rows for routers {missing[:4]} of the LayerMap ({len(missing)} of its "
+            f"{len(lm.names)}); they hold {list(routes.names[:4])}{' ...' if len(routes.names) > 4 else ''}. An "
+            "engine format has a column for every router of the map: pass routes of every router (a capture of the "
+            "whole model, not a pipeline stage's), or build the map of the routers these routes hold "
+            "(LayerMap.from_routes(routes, num_layers))"
+        )
     unknown = [n for n in routes.names if n not in lm.names]
     if unknown:
         raise RoutesValidationError(
@@ -248,7 +254,9 @@ def ordered(routes: Routes, lm: LayerMap) -> list[torch.Tensor | None]:
         if (routes.experts_per_layer[j], routes.k_per_layer[j]) != (e, k):
             raise RoutesValidationError(
                 f"router '{nm}': the routes have {routes.experts_per_layer[j]} experts and k="
-                f"{routes.k_per_layer[j]}, the LayerMap {e} and k={k}"
+                f"{routes.k_per_layer[j]}, the LayerMap {e} and k={k}: they are of another model (or the map was "
+                "built with other counts). Build the map from the model that recorded these routes "
+                "(LayerMap.from_session, or LayerMap.from_routes(routes, num_layers))"
             )
         out.append(routes.layer(nm))
     return out

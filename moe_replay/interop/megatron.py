@@ -315,7 +315,16 @@ def from_megatron(
         torch.from_numpy(np.ascontiguousarray(as_array(t, f"Megatron layer {i}"))) for i, t in enumerate(tensors)
     ]
     if len(tensors) != len(names):
-        raise RoutesValidationError(f"got {len(tensors)} Megatron layers for {len(names)} router names")
+        stage = (
+            " A pipeline stage's list holds only its own layers: pass the names of that stage's routers, in "
+            "its layer order, or gather every stage's list first"
+            if 0 < len(tensors) < len(names)
+            else ""
+        )
+        raise RoutesValidationError(
+            f"got {len(tensors)} Megatron layers for {len(names)} router names: give one name per tensor of the "
+            f"list, the routers in Megatron's layer order.{stage}"
+        )
     if axes is not None and _megatron_axes(axes):
         tensors = [t.T.contiguous() if t.ndim == 2 else t for t in tensors]
     rows = [t.shape[0] if t.ndim else 0 for t in tensors]

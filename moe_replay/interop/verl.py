@@ -95,9 +95,10 @@ def to_verl(
     row_length = None
     try:
         if response_width is not None:  # an integer: 2.5 is refused, never cut to 2
-            widest = max(_lengths(prompt_lengths, "prompt_lengths"))
-            pw = widest if prompt_width is None else check_count(prompt_width, "prompt_width")
+            prompts = _lengths(prompt_lengths, "prompt_lengths")
+            pw = max(prompts) if prompt_width is None else check_count(prompt_width, "prompt_width")
             row_length = pw + check_count(response_width, "response_width")
+            _check_response_width(prompts, lengths, int(response_width))
         bl = BatchLayout.split(prompt_lengths, lengths, prompt_width=prompt_width, row_length=row_length)
     except ValueError as e:
         raise RoutesValidationError(f"to_verl: {e}") from None
@@ -109,6 +110,25 @@ def to_verl(
         arr = to_array(seq, layer_map, layout, np.int64, f"verl sequence {i}", allow_missing=True)
         out[r, s : s + n] = _exactly(arr, dtype, f"to_verl(dtype={dtype}): verl sequence {i}")
     return out
+
+
+def _check_response_width(prompts: Sequence[int], lengths: Sequence[int], width: int) -> None:
+    """Refuse a ``response_width`` narrower than a sequence's response, naming it (not the row length it makes).
+
+    Counts that do not pair up (another number of prompts, a sequence shorter than its prompt) are left to
+    :meth:`BatchLayout.split`, which names them.
+    """
+    if len(prompts) != len(lengths):
+        return
+    responses = [n - p for p, n in zip(prompts, lengths, strict=True)]
+    longest = max(responses, default=0)
+    if longest > width:
+        i = responses.index(longest)
+        raise RoutesValidationError(
+            f"to_verl: response_width={width} is narrower than the response of sequence {i} ({lengths[i]} tokens, "
+            f"{prompts[i]} of them prompt: {longest} response tokens); nothing is cut to fit. Pass "
+            f"response_width={longest} or more (verl's response_length), or leave it out for the longest response"
+        )
 
 
 #: The dtypes to_verl writes: the integer ones, which from_verl reads back (floats, bool, complex and quantized

@@ -1,0 +1,117 @@
+"""Misuse of the interop, batch-layout and file paths the suite did not hold yet: an engine writer given routes of
+other routers (a pipeline stage's, another model's) said only which routers were missing, not what the routes held
+or what to do; ``from_megatron`` given a stage's list named only the two counts; ``to_verl`` given a response_width
+too narrow named a ``row_length`` the caller never passed; a sequence shorter than its prompt was not said by how
+much; ``BatchLayout.unpack`` of routes of another batch said no more than the counts.
+Each is now said with what to do, and doing it works, every row kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import moe_replay as mr
+from moe_replay.errors import MoEReplayError
+
+NAMES = ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+def _rows(n: int, shift: int = 0, experts: int = 4) -> torch.Tensor:
+    """``n`` rows of two distinct experts each, varying by token."""
+    t = torch.arange(n) + shift
+    return torch.stack([t % experts, (t + 1) % experts], dim=1)
+
+
+def _routes(n: int, names: list[str] = NAMES, experts: int = 4) -> mr.Routes:
+    return mr.Routes([_rows(n, i, experts) for i in range(len(names))], names=names, num_experts=experts)
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.parametrize(
+    "writer, layout", [("to_vllm", "all"), ("to_vllm_legacy", "all"), ("to_megatron_inference", "moe")]
+)
+def test_an_engine_writer_given_a_stages_routes_names_what_they_hold_and_the_map_that_fits(
+    writer: str, layout: str
+) -> None:
+    """Routes of one router of two (a pipeline stage's capture) were refused naming only the missing router: the
+    message now names the routers the routes hold and the map to build; that map writes every row they hold."""
+    lm = mr.LayerMap.from_names(NAMES, num_layers=2, num_experts=4, top_k=2)
+    stage = _routes(4).select(NAMES[1:])
+    write = getattr(mr.interop, writer)
+    with pytest.raises(MoEReplayError) as refused:
+        write(stage, lm, drop_last=True)
+    said = str(refused.value)
+    assert NAMES[0] in said and f"they hold {[NAMES[1]]}" in said, said
+    assert "LayerMap.from_routes" in said and "pipeline stage" in said, said
+    own = mr.LayerMap.from_routes(stage, num_layers=2)
+    arr = np.asarray(write(stage, own, drop_last=True))
+    assert arr.shape[0] == stage.num_tokens - 1  # (the last row is the one engines never write)
+    assert np.array_equal(arr[:, own.column(NAMES[1], layout)], stage.layer(NAMES[1])[:-1].numpy())
+
+
+@pytest.mark.reliability("clear errors")
+def test_an_engine_writer_given_routes_of_another_expert_count_says_to_build_the_map_of_their_model() -> None:
+    lm = mr.LayerMap.from_names(NAMES, num_layers=2, num_experts=4, top_k=2)
+    other = _routes(3, experts=8)
+    with pytest.raises(MoEReplayError) as refused:
+        mr.interop.to_vllm(other, lm, drop_last=True)
+    said = str(refused.value)
+    assert "8 experts" in said and "the LayerMap 4" in said and "LayerMap.from_routes" in said, said
+    arr = mr.interop.to_vllm(other, mr.LayerMap.from_routes(other, num_layers=2), drop_last=True)
+    assert arr.shape == (other.num_tokens - 1, 2, 2)
+
+
+@pytest.mark.reliability("clear errors")
+def test_from_megatron_given_a_pipeline_stages_list_says_to_name_that_stages_routers() -> None:
+    """A stage's list holds only its own layers: the names of every router were refused by their counts alone."""
+    stage_list = [_rows(6, 1)]
+    with pytest.raises(MoEReplayError) as refused:
+        mr.interop.from_megatron(stage_list, NAMES, 4)
+    said = str(refused.value)
+    assert "1 Megatron layers for 2 router names" in said and "pipeline stage" in said, said
+    with pytest.raises(MoEReplayError) as more:  # (more tensors than names: no stage, so no stage hint)
+        mr.interop.from_megatron(stage_list * 3, NAMES, 4)
+    assert "pipeline stage" not in str(more.value) and "one name per tensor" in str(more.value)
+    routes = mr.interop.from_megatron(stage_list, NAMES[1:], 4)
+    assert routes.names == (NAMES[1],) and torch.equal(routes.layer(NAMES[1]), stage_list[0])
+
+
+@pytest.mark.reliability("clear errors")
+def test_to_verl_with_a_response_width_too_narrow_names_it_and_the_width_that_fits() -> None:
+    """It said ``row_length=4 is too short``: a parameter to_verl does not take. Now the response_width given, the
+    sequence whose response does not fit and the width that does; with that width every row is written."""
+    lm = mr.LayerMap.from_names(NAMES, num_layers=2, num_experts=4, top_k=2)
+    seqs = [_routes(3), _routes(5)]
+    prompts = [2, 2]
+    with pytest.raises(MoEReplayError) as refused:
+        mr.interop.to_verl(seqs, lm, prompt_lengths=prompts, response_width=2)
+    said = str(refused.value)
+    assert "response_width=2" in said and "sequence 1" in said and "response_width=3" in said, said
+    assert "row_length" not in said, said
+    batch = mr.interop.to_verl(seqs, lm, prompt_lengths=prompts, response_width=3)
+    assert batch.shape[1] == 2 + 3
+    back = mr.interop.from_verl(batch, (batch[..., 0, 0] != 0) | (batch[..., 0, 1] != 0), lm, last_routed=True)
+    assert [r.num_tokens for r in back] == [s.num_tokens for s in seqs]
+
+
+@pytest.mark.reliability("clear errors")
+def test_a_sequence_shorter_than_its_prompt_is_said_with_both_lengths() -> None:
+    with pytest.raises(MoEReplayError) as refused:
+        mr.BatchLayout.split(prompt_lengths=[2, 4], lengths=[5, 3])
+    said = str(refused.value)
+    assert "sequence 1" in said and "3 tokens" in said and "prompt_lengths[1]=4" in said, said
+    assert "prompt plus completion" in said, said
+    layout = mr.BatchLayout.split(prompt_lengths=[2, 4], lengths=[5, 7])
+    assert layout.lengths == (5, 7)
+
+
+@pytest.mark.reliability("clear errors")
+def test_unpack_of_routes_of_another_batch_says_what_it_takes() -> None:
+    layout = mr.BatchLayout.padded([3, 2])
+    with pytest.raises(MoEReplayError) as refused:
+        layout.unpack(_routes(5))
+    said = str(refused.value)
+    assert "5 rows" in said and "[2, 3] batch has 6" in said and "whole batch" in said, said
+    parts = layout.unpack(layout.routes([_routes(3), _routes(2)]))
+    assert [p.num_tokens for p in parts] == [3, 2]
