@@ -171,6 +171,30 @@ def _file_in_the_way(path: str | os.PathLike[str]) -> str:
     return ""
 
 
+def _numpy_name(dtype: object) -> str | None:
+    """The name of the numpy dtype a torch dtype stands for (``int32`` for ``torch.int32``), or None."""
+    if not isinstance(dtype, torch.dtype):
+        return None
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype.name
+    except (TypeError, RuntimeError):  # (bfloat16, quantized dtypes: numpy has none)
+        return None
+
+
+def _named_otherwise(path: str | os.PathLike[str]) -> str:
+    """A hint for a missing routes file whose name with the suffix ``.npz`` added or taken off names a file: save()
+    writes the path as given (a name without ``.npz`` stays without it), where ``np.savez`` adds the suffix."""
+    text = os.fspath(path)
+    root, ext = os.path.splitext(text)
+    other = root if ext == ".npz" else f"{text}.npz"
+    if other == text or not os.path.isfile(other):
+        return ""
+    return (
+        f" ({other!r} is a file: save() writes the name it is given, adding no suffix, and np.savez adds '.npz'; "
+        "load the name the file was written to)"
+    )
+
+
 def _name_max(folder: str) -> int:
     """The longest file name (in bytes) the file system of ``folder`` takes (255 where it does not say)."""
     try:
@@ -872,7 +896,11 @@ class Routes:
             try:
                 dtype = np.dtype(dtype)
             except (TypeError, ValueError) as e:
-                raise ArgumentTypeError(f"to_numpy() takes a numpy dtype, got {dtype!r:.60}: {e}") from None
+                named = _numpy_name(dtype)
+                raise ArgumentTypeError(
+                    f"to_numpy() takes a numpy dtype, got {dtype!r:.60}: {e}"
+                    + (f"; pass np.{named}" if named else "; pass np.int16, np.int32 or another numpy integer dtype")
+                ) from None
             if dtype.kind not in "biuf":  # (bool and narrow dtypes are checked value by value below)
                 raise ArgumentTypeError(
                     f"to_numpy() takes a numeric dtype (np.int16, np.int32...), got {dtype}: it holds no expert numbers"
@@ -1665,7 +1693,8 @@ class Routes:
             raise NotAFileError(f"cannot read routes from {path}: it is a directory, not a routes file")
         if not os.path.exists(path):
             raise MissingFileError(
-                f"cannot read routes from {path}: no such file" + (_file_in_the_way(path) or _unexpanded(path))
+                f"cannot read routes from {path}: no such file"
+                + (_file_in_the_way(path) or _unexpanded(path) or _named_otherwise(path))
             )
         if not stat.S_ISREG(os.stat(path).st_mode):  # (a pipe's open() would wait for a writer, for ever)
             raise NotAFileError(

@@ -2,10 +2,13 @@
 other routers (a pipeline stage's, another model's) said only which routers were missing, not what the routes held
 or what to do; ``from_megatron`` given a stage's list named only the two counts; ``to_verl`` given a response_width
 too narrow named a ``row_length`` the caller never passed; a sequence shorter than its prompt was not said by how
-much; ``BatchLayout.unpack`` of routes of another batch said no more than the counts.
-Each is now said with what to do, and doing it works, every row kept."""
+much; ``BatchLayout.unpack`` of routes of another batch said no more than the counts; ``Routes.load`` of a name whose
+``.npz`` suffix was added or taken off said "no such file" beside the file; ``to_numpy(torch.int32)`` did not name
+the numpy dtype to pass. Each is now said with what to do, and doing it works, every row kept."""
 
 from __future__ import annotations
+
+import pathlib
 
 import numpy as np
 import pytest
@@ -115,3 +118,34 @@ def test_unpack_of_routes_of_another_batch_says_what_it_takes() -> None:
     assert "5 rows" in said and "[2, 3] batch has 6" in said and "whole batch" in said, said
     parts = layout.unpack(layout.routes([_routes(3), _routes(2)]))
     assert [p.num_tokens for p in parts] == [3, 2]
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.parametrize("saved, asked", [("routes", "routes.npz"), ("routes.npz", "routes")])
+def test_load_of_a_name_whose_npz_suffix_differs_from_the_file_names_the_file(
+    tmp_path: pathlib.Path, saved: str, asked: str
+) -> None:
+    """save() writes the name it is given, with no suffix added (np.savez adds one): a load of the other spelling
+    said "no such file" beside the file. Now it names it; loaded, it holds every row."""
+    routes = _routes(4)
+    routes.save(tmp_path / saved)
+    with pytest.raises(mr.MissingFileError) as refused:
+        mr.Routes.load(tmp_path / asked)
+    said = str(refused.value)
+    assert repr(str(tmp_path / saved)) in said and "no suffix" in said, said
+    back = mr.Routes.load(tmp_path / saved)
+    assert back.num_tokens == routes.num_tokens and np.array_equal(back.to_numpy(), routes.to_numpy())
+    (tmp_path / saved).unlink()  # (and with no such file either way, no file is named)
+    with pytest.raises(mr.MissingFileError) as neither:
+        mr.Routes.load(tmp_path / asked)
+    assert "no suffix" not in str(neither.value)
+
+
+@pytest.mark.reliability("clear errors")
+def test_to_numpy_given_a_torch_dtype_names_the_numpy_dtype_to_pass() -> None:
+    routes = _routes(3)
+    with pytest.raises(MoEReplayError) as refused:
+        routes.to_numpy(torch.int32)
+    assert "pass np.int32" in str(refused.value), str(refused.value)
+    arr = routes.to_numpy(np.int32)
+    assert arr.dtype == np.int32 and arr.shape == (3, 2, 2)
