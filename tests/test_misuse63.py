@@ -149,3 +149,60 @@ def test_to_numpy_given_a_torch_dtype_names_the_numpy_dtype_to_pass() -> None:
     assert "pass np.int32" in str(refused.value), str(refused.value)
     arr = routes.to_numpy(np.int32)
     assert arr.dtype == np.int32 and arr.shape == (3, 2, 2)
+
+
+@pytest.mark.reliability("clear errors")
+def test_from_vllm_split_given_completion_len_0_says_a_completion_holds_a_token() -> None:
+    """It said vLLM 0.21 "gives -1" rows: the count of a completion of no token, which vLLM never returns."""
+    lm = mr.LayerMap.from_names(NAMES, num_layers=2, num_experts=4, top_k=2)
+    prompt = np.stack([_rows(3).numpy(), _rows(3, 1).numpy()], axis=1).astype(np.int16)
+    with pytest.raises(MoEReplayError) as refused:
+        mr.interop.from_vllm_split(prompt, prompt[:0], lm, completion_len=0, prompt_len=3)
+    said = str(refused.value)
+    assert "completion_len=0" in said and "-1" not in said and "len(CompletionOutput.token_ids)" in said, said
+    routes = mr.interop.from_vllm_split(prompt, prompt[:0], lm, completion_len=1, prompt_len=3)
+    assert routes.num_tokens == 3 + 1 and torch.equal(routes.layer(NAMES[0])[:3], torch.from_numpy(prompt[:, 0]).long())
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.parametrize("bad", [3.0, 5.4])
+def test_stitch_turns_given_token_ids_that_are_no_integers_names_the_turns_ids(bad: float) -> None:
+    """An id 3.0 passed the prefix check as 3 and was refused in ``with_token_ids()``'s words, a call not made; 5.4
+    was called a re-tokenised history. Both are now refused as the ids of the turn they are."""
+    first, second = _routes(3), _routes(5)
+    with pytest.raises(MoEReplayError) as refused:
+        mr.interop.stitch_turns([first, second], token_ids=[[1, 2, bad], [1, 2, 3, 4, 5]])
+    said = str(refused.value)
+    assert "stitch_turns: token_ids[0]" in said and "integers" in said and "with_token_ids" not in said, said
+    whole = mr.interop.stitch_turns([first, second], token_ids=[[1, 2, 3], [1, 2, 3, 4, 5]])
+    assert whole.num_tokens == 5 and whole.token_ids.tolist() == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.reliability("clear errors")
+def test_rollout_routes_of_part_of_the_generate_batch_asks_whether_the_ids_are_of_that_call() -> None:
+    """The prompts and completions of one sequence of a batch of two: the row count differs, and the message asked
+    only about a KV cache or a second call. It now asks first whether the ids are every sequence of that call."""
+    pytest.importorskip("trl")
+    from moe_replay.integrations import trl as mr_trl
+
+    from .integrations.test_trl import PAD, policy
+
+    model = policy().eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    with mr.attach(model) as session:
+        with session.capture(), torch.no_grad():
+            out = model.generate(
+                torch.tensor([[5, 6, 7], [PAD, 8, 9]]),
+                attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]),
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=PAD,
+            )
+        routes = session.routes()
+    completions = [row[3:].tolist() for row in out]
+    with pytest.raises(MoEReplayError) as refused:
+        mr_trl.rollout_routes_from_generate(routes, prompts[:1], completions[:1])
+    said = str(refused.value)
+    assert "every sequence it ran" in said and "KV cache" in said, said
+    seqs = mr_trl.rollout_routes_from_generate(routes, prompts, completions)
+    assert [s.num_tokens for s in seqs] == [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]

@@ -221,9 +221,11 @@ def rollout_routes_from_generate(
     if rows != {expected}:
         raise RoutesValidationError(
             f"the capture around generate() holds {sorted(rows)} rows per router, but {b} prompts of {width} "
-            f"positions and {n} new tokens with a KV cache give {b}*{width} + {b}*{n - 1} = {expected}. Did generate() "
-            "run without a KV cache (use_cache=False in the model's config or generation kwargs: each step then "
-            "routes the whole sequence again), or more than once?"
+            f"positions and {n} new tokens with a KV cache give {b}*{width} + {b}*{n - 1} = {expected}. Are "
+            "prompt_ids and completion_ids those of this generate() call, every sequence it ran (not a part of its "
+            "batch) with each prompt as tokenized and each completion as returned? Did generate() run without a KV "
+            "cache (use_cache=False in the model's config or generation kwargs: each step then routes the whole "
+            "sequence again), or more than once?"
         )
     # generate()'s [B, width + n] output, as far as TRL kept it: each token checked against the one its row was fed
     grid = torch.zeros(b, width + n, dtype=torch.long)

@@ -25,7 +25,7 @@ import torch
 from .._checks import check_values, is_collection, is_one_of
 from ..batch import check_same_routers, routes_list
 from ..errors import ArgumentTypeError, RoutesValidationError
-from ..routes import PADDING_ID, Routes, in_token_order
+from ..routes import PADDING_ID, Routes, _ids, in_token_order
 
 __all__ = ["stitch_turns"]
 
@@ -99,6 +99,9 @@ def stitch_turns(
         for i, (seq, r) in enumerate(zip(ids, parts, strict=True)):
             if len(seq) != r.num_tokens:
                 raise RoutesValidationError(f"turn {i}: {len(seq)} token ids, {r.num_tokens} routed tokens")
+            # (ids first, as the ids they are: 3.0 would pass the prefix check below as 3, then be refused in
+            # another call's words)
+            _ids(seq, r, f"stitch_turns: token_ids[{i}]")
             if i and seq[: len(ids[i - 1])] != ids[i - 1]:
                 at = next(j for j, (a, b) in enumerate(zip(seq, ids[i - 1], strict=False)) if a != b)
                 raise RoutesValidationError(

@@ -415,7 +415,12 @@ def from_vllm_split(
         if arr.dtype.name in ("int32", "uint8", "uint16"):
             raise RoutesValidationError(f"{what} is {arr.dtype}; vLLM 0.21 writes int16")
     c = check_start(completion_len, "completion_len")
-    if gen.ndim < 1 or gen.shape[0] not in (c - 1, c) or c == 0:
+    if c == 0:  # (its rows would be "-1 rows": said as the count it is)
+        raise RoutesValidationError(
+            "from_vllm_split: completion_len=0, but a completion holds at least one generated token, and vLLM "
+            "returns none without one. Pass len(CompletionOutput.token_ids)"
+        )
+    if gen.ndim < 1 or gen.shape[0] not in (c - 1, c):
         raise RoutesValidationError(
             f"routed_experts has {gen.shape[0] if gen.ndim else 0} rows for {c} generated tokens; vLLM 0.21 gives "
             f"{c - 1} (the last token is never routed)"
