@@ -818,12 +818,16 @@ class Routes:
             >>> r.with_token_ids(torch.tensor([[17, 42]])).token_ids.tolist()
             [17, 42]
         """
-        ids = None if token_ids is None else _ids(token_ids, self, "with_token_ids()")
+        return self._with_token_ids(token_ids, "with_token_ids()")
+
+    def _with_token_ids(self, token_ids: torch.Tensor | np.ndarray | Sequence[int] | None, what: str) -> Routes:
+        """:meth:`with_token_ids`, its refusals said as ``what``'s (the argument of the call that gave the ids)."""
+        ids = None if token_ids is None else _ids(token_ids, self, what)
         rank = self._token_rank
         grid = token_ids.dim() > 1 if isinstance(token_ids, torch.Tensor) else np.ndim(cast(Any, token_ids)) > 1
         if ids is not None and rank is None and grid and self._order_untold:
             raise RoutesValidationError(
-                f"with_token_ids(): ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens sequence by "
+                f"{what}: ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens sequence by "
                 "sequence, but these rows were recorded from forwards fed embeddings in the order their routers saw "
                 "them, which the capture could not tell (it may be position 0 of every sequence first); give one id "
                 "per row, in row order"
@@ -833,14 +837,14 @@ class Routes:
             # them position by position, so each row takes the id at its own token's place, not at its row's)
             if bool((rank == UNTOLD_RANK).any()):
                 raise RoutesValidationError(
-                    f"with_token_ids(): ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens sequence "
+                    f"{what}: ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens sequence "
                     f"by sequence, but {int((rank == UNTOLD_RANK).sum())} of these rows were recorded from forwards "
                     "fed embeddings in the order their routers saw them, which the capture could not tell (it may be "
                     "position 0 of every sequence first); give one id per row, in row order"
                 )
             if bool((rank < 0).any()):
                 raise RoutesValidationError(
-                    f"with_token_ids(): ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens "
+                    f"{what}: ids of shape {tuple(np.shape(cast(Any, token_ids)))} list the tokens "
                     "sequence by sequence, but these rows were recorded by routers that saw them sequence-first, and "
                     "the capture could not tell which token each row was; give one id per row, in row order"
                 )

@@ -206,3 +206,42 @@ def test_rollout_routes_of_part_of_the_generate_batch_asks_whether_the_ids_are_o
     assert "every sequence it ran" in said and "KV cache" in said, said
     seqs = mr_trl.rollout_routes_from_generate(routes, prompts, completions)
     assert [s.num_tokens for s in seqs] == [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+
+
+@pytest.mark.reliability("clear errors")
+def test_engine_readers_given_ids_that_are_no_integers_name_their_own_argument() -> None:
+    """``from_sglang(token_ids=[1.0, ...])`` and a NeMo-RL message of float ids were refused in the words of
+    ``with_token_ids()``, a call the user did not make; each now names the argument the ids came in."""
+    lm = mr.LayerMap.from_names(NAMES, num_layers=2, num_experts=4, top_k=2)
+    routes = _routes(5)
+    payload = mr.interop.to_sglang(routes, lm, drop_last=True)
+    with pytest.raises(MoEReplayError) as refused:
+        mr.interop.from_sglang(payload, lm, token_ids=[1.0, 2, 3, 4, 5])
+    said = str(refused.value)
+    assert "from_sglang: token_ids" in said and "with_token_ids" not in said, said
+    got = mr.interop.from_sglang(payload, lm, token_ids=[1, 2, 3, 4, 5])
+    assert got.num_tokens == 5 and got.token_ids.tolist() == [1, 2, 3, 4, 5]
+    message = {
+        "routed_experts": mr.interop.to_nemo_rl(routes, lm, drop_last=True),
+        "prompt_token_ids": [1.0, 2.0],
+        "generation_token_ids": [3, 4, 5],
+    }
+    with pytest.raises(MoEReplayError) as nemo:
+        mr.interop.from_nemo_rl(message, lm)
+    said = str(nemo.value)
+    assert "prompt_token_ids + generation_token_ids" in said and "with_token_ids" not in said, said
+    message["prompt_token_ids"] = [1, 2]
+    assert mr.interop.from_nemo_rl(message, lm).token_ids.tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(MoEReplayError, match=r"^with_token_ids\(\)"):  # (the method's own call keeps its name)
+        routes.with_token_ids([1.0, 2, 3, 4, 5])
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.parametrize("batch_size, said", [(0, "at least one sequence"), (4, "counts that divide 6")])
+def test_from_megatron_given_a_batch_size_that_fits_no_batch_says_what_would(batch_size: int, said: str) -> None:
+    tensors = [_rows(6), _rows(6, 1)]
+    with pytest.raises(MoEReplayError) as refused:
+        mr.interop.from_megatron(tensors, NAMES, 4, batch_size=batch_size)
+    assert said in str(refused.value) and f"batch_size={batch_size}" in str(refused.value), str(refused.value)
+    routes = mr.interop.from_megatron(tensors, NAMES, 4, batch_size=2)  # ([S=3, B=2] rows, read batch-major)
+    assert routes.num_tokens == 6 and torch.equal(routes.layer(NAMES[0]), tensors[0][[0, 2, 4, 1, 3, 5]])

@@ -180,8 +180,18 @@ def _seq_first(n: int, batch_size: Any) -> torch.Tensor:
     if not is_integer(batch_size):
         raise InvalidArgumentError(f"batch_size must be an integer (the sequences of the batch), got {batch_size!r}")
     batch_size = int(batch_size)
-    if batch_size < 1 or n % batch_size:
-        raise RoutesValidationError(f"{n} rows do not split into batch_size={batch_size} sequences")
+    if batch_size < 1:
+        raise InvalidArgumentError(
+            f"batch_size={batch_size}: a micro-batch holds at least one sequence. Pass the sequences of the [S, B] "
+            "batch (B), or leave batch_size out for rows already batch-major (packed)"
+        )
+    if n % batch_size:
+        divisors = [b for b in range(1, min(n, 64) + 1) if n % b == 0]
+        raise RoutesValidationError(
+            f"{n} rows do not split into batch_size={batch_size} sequences of one length ([S, B] rows hold S*B): "
+            f"check batch_size against the micro-batch these rows are of (counts that divide {n}: "
+            f"{divisors[:8]}{' ...' if len(divisors) > 8 else ''})"
+        )
     s = n // batch_size
     return torch.arange(n).view(batch_size, s).t().reshape(-1)
 

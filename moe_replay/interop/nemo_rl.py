@@ -283,7 +283,7 @@ def from_nemo_rl(
     routes = make_routes(with_last(layers), layer_map, _WHAT)
     # the message's prompt and generation ids: a replay fed other tokens is refused (Routes.token_ids)
     if token_ids is not None:
-        return routes.with_token_ids(token_ids)
+        return routes._with_token_ids(token_ids, f"{_WHAT}: prompt_token_ids + generation_token_ids")
     return routes if num_tokens is not None else rows_untold(routes, "from_nemo_rl")
 
 

@@ -279,7 +279,8 @@ def from_sglang(
     if ids is None:
         ids = told
     if ids is not None:
-        return routes.with_token_ids(ids)
+        given = "from_sglang: token_ids" if token_ids is not None else "from_sglang: the response's output_ids"
+        return routes._with_token_ids(ids, given)
     # (meta_info's counts bound the rows; they place them only where they count exactly as many tokens)
     if num_tokens is not None or (meta_count is not None and meta_count[0] == routes.num_tokens):
         return routes
