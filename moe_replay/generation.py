@@ -360,15 +360,33 @@ def _padded_prompt(routes: Routes) -> Routes:
     return out
 
 
-def _check_unpadded(calls: tuple[tuple[int, int], ...] | None, prompt_mask: torch.Tensor) -> None:
+def _check_whole_prompt_forward(routes: Routes) -> None:
+    """Refuse a slice ``routes[a:b]`` that holds part of its capture's prompt forward, not all of it, as such: its
+    first rows, as many as the prompt tokens the mask keeps, read as the capture of a model that takes the padding
+    out before its routers."""
+    if routes._cut_from is None:
+        return
+    whole, start, end = routes._cut_from
+    first = whole.call_rows[0][0] if whole.call_rows else 0
+    if start < first and (start > 0 or end < first):
+        raise RoutesValidationError(
+            f"these routes are rows {start}..{end - 1} of a capture whose first forward (generate()'s prompt forward) "
+            f"routed rows 0..{first - 1}: the slice cuts that forward, so it holds part of the prompts' rows, and no "
+            "split gives each sequence its own. Split the whole capture, then pick the sequences it gives (or slice "
+            f"at a forward's edge: routes[:{first}] is the prompt forward)"
+        )
+
+
+def _check_unpadded(routes: Routes, prompt_mask: torch.Tensor) -> None:
     """Refuse the capture of a model that takes the padding out of its prompts before its routers: its prompt forward
     routed one row per prompt token the mask keeps, not one per prompt position, and a split that lays every prompt
     over its padded width would give tokens other tokens' rows (the model's own capture knows the rows of each
     forward: routes that do not are split by the row count alone)."""
     b, p = prompt_mask.shape
-    kept = int(prompt_mask.sum())
+    kept, calls = int(prompt_mask.sum()), routes._call_rows
     if not calls or kept == b * p or calls[0] != (kept, 1):
         return
+    _check_whole_prompt_forward(routes)  # (a slice that cuts the prompt forward to as many rows: said as such)
     raise RoutesValidationError(
         f"the capture's prompt forward routed {kept} rows, as many as the prompt tokens the mask keeps, not one per "
         f"position of its {b} prompts of {p} ({b * p}): the model takes the padding out before its routers, and "
@@ -749,7 +767,7 @@ def split_generation(
         prompt_len = int(as_tensor(attention_mask).shape[1])
     b, p = batch_size, check_count(prompt_len, "prompt_len")
     if attention_mask is not None or prompt_lengths is not None:
-        _check_unpadded(routes._call_rows, _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side))
+        _check_unpadded(routes, _prompt_mask(b, p, attention_mask, prompt_lengths, padding_side))
 
     decode = total - b * p
     if decode < 0 or decode % b:

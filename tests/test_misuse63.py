@@ -245,3 +245,27 @@ def test_from_megatron_given_a_batch_size_that_fits_no_batch_says_what_would(bat
     assert said in str(refused.value) and f"batch_size={batch_size}" in str(refused.value), str(refused.value)
     routes = mr.interop.from_megatron(tensors, NAMES, 4, batch_size=2)  # ([S=3, B=2] rows, read batch-major)
     assert routes.num_tokens == 6 and torch.equal(routes.layer(NAMES[0]), tensors[0][[0, 2, 4, 1, 3, 5]])
+
+
+@pytest.mark.reliability("clear errors")
+@pytest.mark.parametrize("rows", [slice(0, 5), slice(1, 10)])
+def test_split_generation_of_a_slice_that_cuts_the_prompt_forward_says_so(rows: slice) -> None:
+    """A slice holding part of the prompt forward, as many rows as the prompt tokens the mask keeps, was refused as
+    the capture of a model that takes padding out: it is now said as the slice it is, with the slice that holds the
+    prompt forward whole."""
+    from moe_replay.models import build
+
+    model = build("softmax_topk")
+    with mr.attach(model) as session:
+        with session.capture():
+            model(torch.randint(0, 50, (2, 3)))  # (a prompt forward of 2 prompts of 3, then two decode steps)
+            model(torch.randint(0, 50, (2, 1)))
+            model(torch.randint(0, 50, (2, 1)))
+        routes = session.routes()
+    with pytest.raises(MoEReplayError) as refused:
+        mr.split_generation(routes[rows], batch_size=2, prompt_len=3, prompt_lengths=[3, 2])
+    said = str(refused.value)
+    assert f"rows {rows.start}..{rows.stop - 1}" in said and "cuts that forward" in said, said
+    assert "routes[:6]" in said, said
+    parts = mr.split_generation(routes[:8], batch_size=2, prompt_len=3)  # (the prompt forward and one step, whole)
+    assert [p.num_tokens for p in parts] == [3 + 2, 3 + 2]
