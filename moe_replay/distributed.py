@@ -406,7 +406,12 @@ def gather_routes(routes: Routes, dst: int = 0, group: dist.ProcessGroup | None 
 
 # why the source rank refused its parts, told to every rank so that all raise
 _SCATTER_REFUSALS = {
-    1: (InvalidArgumentError, "scatter_routes needs one Routes per rank ({world}) on the source rank {src}"),
+    1: (
+        InvalidArgumentError,
+        "scatter_routes needs one Routes per rank ({world}) on the source rank {src}, got {given}. Cut one batch "
+        "into {world} parts with split_routes(routes, sizes); parts gathered under another world size: join them "
+        "with Routes.cat, then cut them again (other ranks pass None)",
+    ),
     2: (ArgumentTypeError, "scatter_routes takes Routes parts; the source rank {src} was given something else"),
     3: (RoutesValidationError, "scatter_routes: the parts on source rank {src} hold routes of other router sets"),
 }
@@ -420,6 +425,27 @@ def _scatter_refusal(parts: Sequence[Routes] | None, world: int) -> int:
     if len({p.fingerprint for p in parts}) != 1:
         return 3
     return 0
+
+
+#: What :func:`_given_count` sends for ``parts`` that are no list of parts: None, one Routes, anything else.
+_GIVEN_NONE, _GIVEN_ROUTES, _GIVEN_OTHER = -1, -2, -3
+
+
+def _given_count(parts: object) -> int:
+    """What the source rank was given, as one int every rank receives: the number of parts, or a code for none."""
+    if parts is None:
+        return _GIVEN_NONE
+    if isinstance(parts, Routes):
+        return _GIVEN_ROUTES
+    if isinstance(parts, str) or not isinstance(parts, Sequence):
+        return _GIVEN_OTHER
+    return len(parts)
+
+
+def _given_text(count: int) -> str:
+    """:func:`_given_count`'s int said in words."""
+    words = {_GIVEN_NONE: "None", _GIVEN_ROUTES: "one Routes (not a list of parts)", _GIVEN_OTHER: "no list of parts"}
+    return words.get(count, f"{count} part{'s' if count != 1 else ''}")
 
 
 def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.ProcessGroup | None = None) -> Routes:
@@ -450,7 +476,7 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     if is_src:
         refused = _scatter_refusal(parts, world)
         if refused:
-            meta = [refused, 0, 0, 0, 0]
+            meta = [refused, _given_count(parts), 0, 0, 0]
         else:
             assert parts is not None
             first = parts[0]
@@ -475,7 +501,7 @@ def scatter_routes(parts: Sequence[Routes] | None, src: int = 0, group: dist.Pro
     refused, layers, name_bytes, wide, longest_known = rows[ranks.index(src)][1:]
     if refused:
         cls, text = _SCATTER_REFUSALS[refused]
-        raise cls(text.format(world=world, src=src))
+        raise cls(text.format(world=world, src=src, given=_given_text(layers)))
     body = torch.zeros(3 * layers + world + world * layers + 2 * world, dtype=torch.int64, device=device)
     names_t = torch.zeros(name_bytes, dtype=torch.uint8, device=device)
     if is_src:

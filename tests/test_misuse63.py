@@ -269,3 +269,25 @@ def test_split_generation_of_a_slice_that_cuts_the_prompt_forward_says_so(rows: 
     assert "routes[:6]" in said, said
     parts = mr.split_generation(routes[:8], batch_size=2, prompt_len=3)  # (the prompt forward and one step, whole)
     assert [p.num_tokens for p in parts] == [3 + 2, 3 + 2]
+
+
+@pytest.mark.reliability("clear errors")
+def test_scatter_routes_given_parts_of_another_world_size_names_what_it_was_given(tmp_path: pathlib.Path) -> None:
+    """Two parts (gathered under a world of two) scattered to a world of one said only that one part per rank is
+    needed: now what the source was given, and how to cut the parts again; cut so, every row comes back."""
+    import torch.distributed as dist
+
+    routes = _routes(5)
+    parts = mr.distributed.split_routes(routes, [2, 3])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        said = []
+        for given, words in ((parts, "got 2 parts"), (routes, "got one Routes"), (None, "got None")):
+            with pytest.raises(MoEReplayError) as refused:
+                mr.distributed.scatter_routes(given)  # type: ignore[arg-type]
+            said.append(str(refused.value))
+            assert words in said[-1] and "split_routes" in said[-1] and "Routes.cat" in said[-1], said[-1]
+        back = mr.distributed.scatter_routes(mr.distributed.split_routes(mr.Routes.cat(parts), [5]))
+    finally:
+        dist.destroy_process_group()
+    assert back.num_tokens == routes.num_tokens and np.array_equal(back.to_numpy(), routes.to_numpy())
