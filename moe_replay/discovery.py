@@ -54,7 +54,12 @@ _EXPERT_KEYS = (
     "expert_num",
     "num_global_experts",
     "global_expert_num",
+    "unshared_experts",
 )
+#: counts of shared experts (ones every token runs, which no router scores)
+_SHARED_KEYS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts", "shared_experts")
+#: the attributes a module keeps its config under (``args``: MegaBlocks, mistral-inference; ``_config``: Fast-LLM)
+_CONFIG_ATTRS = ("config", "args", "_config")
 _TOPK_KEYS = (
     "top_k",
     "num_experts_per_tok",
@@ -809,7 +814,7 @@ def _expert_widths(module: nn.Module, counts: set[int]) -> list[int]:
     return [int(m.out_features) for m in reversed(list(module.modules())) if isinstance(m, nn.Linear)]
 
 
-def _decision_width(width: int, counts: set[int], module: nn.Module) -> int | None:
+def _decision_width(width: int, counts: set[int], module: nn.Module, parent: nn.Module | None) -> int | None:
     """The width of the score tensor the decision runs over, or None if ``width`` is no router's.
 
     ``width`` is the router weight's row count. It is accepted when some expert count says so;
@@ -817,14 +822,18 @@ def _decision_width(width: int, counts: set[int], module: nn.Module) -> int | No
     choose (the decision then runs over the routed experts only), or a few null experts (zero or
     skip experts) that the decision may choose. A weight of a few whole times an expert count (up
     to four) is a fused projection scoring those experts (Yuan2.0-M32's attention router: query,
-    key and value rows for each expert), and the decision runs over the count.
+    key and value rows for each expert), and the decision runs over the count. A weight narrower than an expert
+    count by the shared experts that the router or its block declares scores the routed experts alone (an experts
+    list that holds the shared ones too: epfml/llm-baselines), and the decision runs over its rows.
     """
     if width in counts:
         return width
-    shared = _int_attr(module, ("n_shared_experts", "num_shared_experts"))
+    shared = _shared_count(module, parent)
     for c in sorted(counts):
         if shared and width == c + shared:
             return c
+        if shared and width + shared == c and width > 1:
+            return width
         if c < width <= 2 * c:
             return width
     return next((c for c in sorted(counts, reverse=True) if c > 1 and width % c == 0 and width <= 4 * c), None)
@@ -918,7 +927,81 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
             return True
         if _declared_moe(child) in widths:
             return True  # a sibling MoE layer that declares the experts and k the gate's logits are passed to (TGI)
-    return parent is not None and any(e in widths for e in _stacked(parent))  # the block's own (gpt-oss)
+    if parent is not None and any(e in widths for e in _stacked(parent)):
+        return True  # the block's own (gpt-oss)
+    return _unmoduled_experts(module, parent, widths)
+
+
+def _shared_count(module: nn.Module, parent: nn.Module | None) -> int | None:
+    """The shared experts the router, its block or the block's own config declares, or None."""
+    for obj in (module, parent, _own_config(parent)):
+        v = _int_attr(obj, _SHARED_KEYS)
+        if v:
+            return v
+    return None
+
+
+def _forward_names(block: nn.Module, depth: int = 3) -> set[str]:
+    """The names a block's forward reads, with those of the methods of its class that it calls (``self._forward``,
+    ``self._forward_looped``), ``depth`` calls deep."""
+    names: set[str] = set()
+    todo = [_class_forward(block)]
+    seen: set[int] = set()
+    for _ in range(depth + 1):
+        found = [n for fn in todo if id(fn) not in seen for n in _names_in(fn)]
+        seen.update(id(fn) for fn in todo)
+        names.update(found)
+        todo = [f for f in (inspect.getattr_static(type(block), n, None) for n in found) if callable(f)]
+        todo = [getattr(f, "__func__", f) for f in todo if isinstance(getattr(f, "__func__", f), types.FunctionType)]
+    return names
+
+
+def _unmoduled_experts(router: nn.Module, block: nn.Module | None, widths: Sequence[int]) -> bool:
+    """Does ``block`` hold, in no experts module, the experts that ``router`` scores?
+
+    The block declares the expert count E itself (an attribute, or its own config: not the model's), E is a width of
+    the router, the block's forward reaches a decision call, and the forward reads at least two of the block's
+    holdings that are split into the experts: 2-D weights (its own, or a child ``Linear``'s) of ``m * N`` rows,
+    ``m >= 2`` (LLaMA2-Accessory's flat ``[E * F, d]`` ``w1`` / ``w2`` / ``w3``; Fast-LLM's ``layer_1`` /
+    ``layer_2``, chunked), or ``ModuleList`` / ``ModuleDict`` containers of N entries with parameters (mergoo's LoRA
+    adapters, ``lora_A`` / ``lora_B`` keyed by index), where N is E or E plus the shared experts the block declares
+    (kept among them). Two, as experts are feed-forward layers with an up and a down projection. A candidate that is
+    no router is still never replayed: its block's first forward establishes the decision.
+    """
+    if block is None:
+        return False
+    config = _own_config(block)
+    declared = {v for obj in (block, config) for v in (_int_attr(obj, (key,)) for key in _EXPERT_KEYS) if v}
+    routed = [w for w in widths if w > 1 and w in declared]
+    if not routed:
+        return False
+    names = _forward_names(block)
+    shared = _shared_count(router, block) or 0
+    held: list[tuple[str, Any]] = [(n, p) for n, p in _own_params(block) if p.dim() == 2]
+    for attr, child in block.named_children():
+        if child is router or attr not in names:
+            continue
+        if isinstance(child, nn.ModuleList | nn.ModuleDict):
+            held.append((attr, child))
+        elif isinstance(weight := getattr(child, "weight", None), torch.Tensor) and weight.dim() == 2:
+            held.append((attr, weight))
+    for n in {c for w in routed for c in (w, w + shared)}:
+        split = [
+            attr
+            for attr, h in held
+            if attr in names
+            and (
+                (isinstance(h, torch.Tensor) and h.shape[0] % n == 0 and h.shape[0] >= 2 * n)
+                or (
+                    isinstance(h, nn.ModuleList | nn.ModuleDict)
+                    and len(h) == n
+                    and all(any(True for _ in c.parameters()) for c in h.children())
+                )
+            )
+        ]
+        if len(split) >= 2:
+            return _reaches_decision(_class_forward(block), type(block), instance=block)
+    return False
 
 
 def _declared_moe(module: nn.Module) -> int | None:
@@ -1046,15 +1129,24 @@ def _holder(name: str, modules: dict[str, nn.Module]) -> str:
 
 
 def _nearest_config(name: str, modules: dict[str, nn.Module]) -> Any:
-    """The config (``config``, or ``args`` as MegaBlocks and mistral-inference call it) nearest above."""
+    """The config (``config``, or ``args`` / ``_config`` as MegaBlocks, mistral-inference and Fast-LLM call it)
+    nearest above."""
     while True:
-        for key in ("config", "args"):
-            cfg = getattr(modules.get(name), key, None)
-            if cfg is not None and not isinstance(cfg, nn.Module | tuple | list | dict | str):
-                return cfg
+        cfg = _own_config(modules.get(name))
+        if cfg is not None:
+            return cfg
         if not name:
             return None
         name = _parent_name(name)
+
+
+def _own_config(module: nn.Module | None) -> Any:
+    """The config a module keeps itself (see :data:`_CONFIG_ATTRS`), or None."""
+    for key in _CONFIG_ATTRS:
+        cfg = getattr(module, key, None)
+        if cfg is not None and not isinstance(cfg, nn.Module | tuple | list | dict | str):
+            return cfg
+    return None
 
 
 def _one_router_per_block(sites: list[RouterSite], modules: dict[str, nn.Module]) -> list[RouterSite]:
@@ -1299,7 +1391,7 @@ def find_routers(
                 continue  # (an expert count given that neither its weight nor its experts say: refused below)
             if counts:
                 width = next((c for c in candidates if c in counts), None) or next(
-                    (w for w in (_decision_width(c, counts, module) for c in candidates) if w), None
+                    (w for w in (_decision_width(c, counts, module, parent) for c in candidates) if w), None
                 )
             elif not _CLASS_HIT.search(type(module).__name__):
                 continue

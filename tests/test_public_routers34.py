@@ -285,17 +285,11 @@ def test_llm_baselines_moe_replays_as_by_hand(
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.RouterNotFoundError,
-    reason="a router narrower than the one experts list by the block's n_shared_experts (shared experts heading the "
-    "list) is not found with zero configuration",
-)
 def test_llm_baselines_moe_with_shared_experts_in_its_list_is_found_with_zero_configuration() -> None:
     """epfml/llm-baselines' ``MoE`` with ``moe_num_shared_experts=1``: the block's ``experts`` list holds the shared
     expert first and the routed ones after it, the ``router`` Linear scores the routed ones only (one row fewer than
     the list) and the block says ``n_shared_experts``. Zero configuration should find the router as it does without
-    the shared expert (a wider router, rows for shared experts, is accepted already); today no router is found."""
+    the shared expert (a wider router, rows for shared experts, is accepted too), and replays as by hand."""
     model = _one_block(lambda: LlmBaselinesBlock(n_shared=1))()
     session = assert_exact(model, _seq())
     assert session.names == ("layers.0.mlp.router",), session.names

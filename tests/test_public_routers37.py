@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions.normal import Normal
 
-import moe_replay as mr
 from tests.test_public_routers6 import _Used, assert_exact, assert_refused
 
 
@@ -649,14 +648,10 @@ def test_llama2_accessory_sparse_moe_with_flat_experts_replays_as_by_hand(train:
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.RouterNotFoundError,
-    reason="a gate beside flat [E * F, d] expert weights (no experts module) is not found with zero configuration",
-)
 def test_llama2_accessory_sparse_moe_with_flat_experts_is_found_with_zero_configuration() -> None:
     """The same block with no configuration: its gate Linear scores ``num_experts`` experts whose weights are rows
     of three flat ``[E * F, d]`` parameters of the block (no experts module, no per-expert tensor), beside
-    ``num_experts`` / ``num_experts_per_tok`` attributes; today no router is found."""
+    ``num_experts`` / ``num_experts_per_tok`` attributes. The gate is found (the block declares its width as its
+    expert count, and its forward reads flat weights of whole blocks of rows per expert) and replays as by hand."""
     session = assert_exact(AccessoryModel(), _accessory_tokens(), change=1.0)
     assert session.names == ("feed_forwards.0.gate",), session.names

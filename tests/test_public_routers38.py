@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import moe_replay as mr
 from tests.test_public_routers6 import _Used, assert_exact
 
 
@@ -354,16 +353,12 @@ def test_mergoo_lora_adapters_as_experts_replay_as_by_hand() -> None:
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.RouterNotFoundError,
-    reason="LoRA adapters as experts in lora_A / lora_B ModuleDicts keyed by index (no experts module) are not "
-    "found with zero configuration",
-)
 def test_mergoo_lora_adapters_as_experts_are_found_with_zero_configuration() -> None:
     """The same block with no configuration: each ``LoRAMoeLayer`` holds a ``gate`` Linear scoring ``num_experts``
     adapters, ``num_experts`` / ``num_experts_per_tok`` attributes, and the adapters as ``num_experts`` entries
-    ``"0"`` to ``"E-1"`` of its ``lora_A`` / ``lora_B`` ModuleDicts (no experts module); today no router is found."""
+    ``"0"`` to ``"E-1"`` of its ``lora_A`` / ``lora_B`` ModuleDicts (no experts module). Each gate is found (the
+    block declares its width as its expert count, and its forward reads two containers of as many adapters) and
+    replays as by hand."""
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(9))
     session = assert_exact(MergooLoRABlock(), x)
-    assert session.names == ("mlp.gate_proj", "mlp.up_proj"), session.names
+    assert session.names == ("mlp.gate_proj.gate", "mlp.up_proj.gate"), session.names

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import moe_replay as mr
 from tests.test_public_routers6 import _Used, assert_exact
 
 
@@ -381,17 +380,12 @@ def test_fast_llm_moe_with_shared_expert_slots_replays_as_by_hand(train: bool) -
 
 
 @pytest.mark.reliability("false refusals")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.RouterNotFoundError,
-    reason="a router Linear beside experts flattened into the rows of two Linears, its counts in a '_config', is "
-    "not found with zero configuration",
-)
 def test_fast_llm_moe_is_found_with_zero_configuration() -> None:
     """The same block with no configuration: its ``router`` Linear scores the four unshared experts, whose weights
     (and the shared expert's) are chunks of the rows of the ``layer_1`` / ``layer_2`` Linears (no experts module,
-    no per-expert tensor), the counts in the module's ``_config``; today no router is found (the cause of the
-    LLaMA2-Accessory gap in ``test_public_routers37``)."""
+    no per-expert tensor), the counts in the module's ``_config``. The router is found (its width is the
+    ``unshared_experts`` of the block's own config, and the forward reads two weights of whole chunks of rows per
+    expert) and replays as by hand."""
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(6))
     session = assert_exact(FastLLMBlock(), x)
     assert session.names == ("mlp.router",), session.names

@@ -544,7 +544,6 @@ def test_replay_forces_the_recorded_experts_as_by_hand(case: str) -> None:
 
 
 _NO_CHOICE = r"makes no decision-like call .* or a threshold \(the experts whose weight passes"
-_OUTSIDE = "outside every attached router"
 _NOT_FOUND = "no MoE router found"
 REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str, dict[str, object]]] = {
     # name: (model, input, what the refusal says, options: ``train`` and attach options)
@@ -562,13 +561,6 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
     ),
     "hydralora-soft-alone": (lambda: Layers(HydraLoRASoftLinear), _x, _NOT_FOUND, {}),
     "mole-dense-alone": (lambda: Layers(MoLELayer), _x, _NOT_FOUND, {}),
-    "hydralora-topk-beside-moe": (lambda: Layers(lambda: BesideMoE(HydraLoRALinear)), _x, _OUTSIDE, {}),
-    "hydralora-topk-4-beside-moe": (
-        lambda: Layers(lambda: BesideMoE(lambda: HydraLoRALinear(num_experts=4))),
-        _x,
-        r"\(HydraLoRA\): topk over 4",
-        {},
-    ),
     "hydralora-peft-layout-topk-4-beside-moe": (
         lambda: Layers(lambda: BesideMoE(HydraLoRAPeftTopK)),
         _x,
@@ -589,9 +581,10 @@ REFUSED: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], st
 def test_choices_no_top_k_holds_and_unfound_lora_experts_are_refused(case: str) -> None:
     """A threshold learned per token (AdaMoLE), ReLU routing (ReMoE), a sparsegen projection whose ``sort`` only
     finds the threshold (LD-MoLE): a variable count of experts per token, which no call's indices hold, refused
-    alone and beside a routed MoE; dense LoRA mixtures alone: no router to find; a LoRA mixture's top-k (HydraLoRA,
-    MoLA) that discovery does not find, beside a routed MoE, whatever its expert count (once silent for a count
-    other than the MoE's: its choice was neither recorded nor forced): refused, saying why, the model as it was."""
+    alone and beside a routed MoE; dense LoRA mixtures alone: no router to find; a LoRA mixture's top-k (HydraLoRA
+    in peft's layout, MoLA) that discovery does not find, beside a routed MoE, whatever its expert count (once
+    silent for a count other than the MoE's: its choice was neither recorded nor forced): refused, saying why, the
+    model as it was."""
     make, x, match, options = REFUSED[case]
     opts = dict(options)
     train = bool(opts.pop("train", False))
@@ -599,15 +592,25 @@ def test_choices_no_top_k_holds_and_unfound_lora_experts_are_refused(case: str) 
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.xfail(
-    strict=True,
-    raises=mr.RouterNotFoundError,
-    reason="a mixture of LoRA experts (lora_A/lora_B expert lists beside a lora_router, MoLA's per-adapter "
-    "ModuleDicts) is not found with zero configuration: a clear RouterNotFoundError, include= attaches it",
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            "mola",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=mr.RouterNotFoundError,
+                reason="a mixture of LoRA experts kept per adapter name (MoLA's lora_A/lora_B ModuleDicts of expert "
+                "lists beside a lora_router) is not found with zero configuration: a clear RouterNotFoundError, "
+                "include= attaches it",
+            ),
+        ),
+        "hydralora",
+    ],
 )
-@pytest.mark.parametrize("case", ["mola", "hydralora"])
 def test_a_mixture_of_lora_experts_is_found_with_zero_configuration(case: str) -> None:
-    """MoLA's and HydraLoRA's top-k routers, in a model of nothing else: found and replayed as by hand."""
+    """MoLA's and HydraLoRA's top-k routers, in a model of nothing else: found and replayed as by hand (HydraLoRA's
+    ``router`` beside its block's ``num_experts`` and ``lora_A`` / ``lora_B`` lists of as many experts)."""
     if case == "mola":
         assert_exact(MoLAModel(), _x(), change=0.5)
     else:
