@@ -2303,3 +2303,54 @@ def _into_call(ins: list[Any], j: int, offsets: frozenset[int]) -> bool:
         if not any(stack):
             return True  # (what was derived from it was dropped)
     return False
+
+
+#: the opcodes that jump (a loop's jump back among them): a read before a decision call a jump leads back to runs
+#: after it too
+_JUMPS = frozenset((*dis.hasjrel, *dis.hasjabs))
+#: where torch's own code lies: its modules read ``training`` for dropout or statistics, never to name an expert
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def read_after_calls(
+    codes: Sequence[types.CodeType], sites: Mapping[types.CodeType, frozenset[int]], name: str
+) -> bool:
+    """May ``name`` (an attribute, a global or a closure cell) be read in ``codes`` after one of the calls at
+    ``sites`` (a code object, the offsets of its decision calls there)? A read before every such call of its code, no
+    loop leading back over them, is not; nor is one in a function or method that code names only before them (a
+    helper that adds jitter to the scores). Any other read is, in a code with no decision call (a child's forward
+    that remaps the ids, a helper named after the decision) too, as is the name as a string constant (``getattr``);
+    torch's own code (a dropout) aside. Read from the bytecode; nothing runs."""
+    early: dict[str, bool] = {}  # (per name a decision code loads: only ever before its decision calls)
+    for code, offsets in sites.items():
+        first = min(offsets)
+        for i in dis.get_instructions(code):
+            if i.opname in _NAME_LOADS and isinstance(i.argval, str):
+                early[i.argval] = early.get(i.argval, True) and _before(code, i.offset, first)
+    for code in codes:
+        if code.co_filename.startswith(_TORCH_DIR):
+            continue
+        if name in code.co_consts:
+            return True
+        if name not in code.co_names and name not in code.co_freevars and name not in code.co_cellvars:
+            continue
+        calls = sites.get(code)
+        reads = [i.offset for i in dis.get_instructions(code) if i.opname in _NAMED_OPS and i.argval == name]
+        if calls is not None:
+            if not all(_before(code, at, min(calls)) for at in reads):
+                return True
+        elif reads and not early.get(code.co_name, False):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _before(code: types.CodeType, at: int, first: int) -> bool:
+    """Does the instruction at offset ``at`` of ``code`` run only before the one at ``first``: ahead of it, and no
+    jump at or after ``first`` leads back to it or before it?"""
+    if at >= first:
+        return False
+    return not any(
+        i.opcode in _JUMPS and i.offset >= first and isinstance(i.argval, int) and i.argval <= at
+        for i in dis.get_instructions(code)
+    )

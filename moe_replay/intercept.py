@@ -64,6 +64,7 @@ from ._code_settings import (
     is_written,
     modules_codes_read,
     only_into_calls,
+    read_after_calls,
     reads_state,
     settings_in,
     written,
@@ -607,6 +608,63 @@ def _setting_name(scope: nn.Module, key: str) -> str | None:
         if any(c.__qualname__ == owner for c in type(m).__mro__):
             return name
     return None
+
+
+#: how :meth:`RouterHook.ids_settings` names the mode of a router's modules (``train()`` / ``eval()``)
+_TRAINING_KEY = "training"
+
+
+#: how :meth:`RouterHook.ids_settings` names a cached function its code calls after its decision
+CACHED_SUFFIX = " (a cached function)"
+
+
+def _cached_functions(scope: nn.Module) -> list[str]:
+    """The names by which the code of ``scope``'s modules may call a cached function (``functools.lru_cache``,
+    ``functools.cache``): a global of a module class's module, or an attribute of its class. Its results are kept
+    by the cache, out of sight: cleared and filled again under other values (a placement of the experts moved),
+    they differ, and no setting tells."""
+    out: set[str] = set()
+    for cls in dict.fromkeys(type(m) for m in scope.modules()):
+        if cls.__module__.startswith("torch."):
+            continue
+        found = dict(vars(sys.modules[cls.__module__])) if cls.__module__ in sys.modules else {}
+        for c in reversed(cls.__mro__):
+            found.update(vars(c))
+        for name, value in found.items():
+            inner = value.__func__ if isinstance(value, staticmethod | classmethod) else value
+            if callable(inner) and hasattr(inner, "cache_clear") and hasattr(inner, "cache_info"):
+                out.add(name)
+    return sorted(out)
+
+
+def _named_by_classes(scope: nn.Module, name: str) -> bool:
+    """Does the code of a function of the classes of ``scope``'s modules (torch's own aside), or one defined in it,
+    name ``name``? Where that code is not read completely, what it may call by name."""
+    todo = [
+        inner.__code__
+        for cls in dict.fromkeys(type(m) for m in scope.modules())
+        for c in cls.__mro__
+        if not c.__module__.startswith("torch.") and c is not object
+        for value in vars(c).values()
+        if isinstance(
+            inner := value.__func__ if isinstance(value, staticmethod | classmethod) else value, types.FunctionType
+        )
+    ]
+    while todo:
+        code = todo.pop()
+        if name in code.co_names:
+            return True
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return False
+
+
+def _training_flags(scope: nn.Module) -> str:
+    """The mode of ``scope``'s modules in words: ``'True'`` (training) or ``'False'`` where all agree, the paths of
+    those in training else."""
+    flags = {m.training for m in scope.modules()}
+    if len(flags) == 1:
+        return repr(flags.pop())
+    return "in training: " + ", ".join(repr(p or "(the router)") for p, m in scope.named_modules() if m.training)
 
 
 #: how :func:`_settings_and_held` names what a module holds that may order its tokens
@@ -1256,7 +1314,37 @@ class RouterHook:
         if not always:
             before = self._read_before(kept)
             kept = {k: v for k, v in kept.items() if k not in before}
-        return tuple(sorted(_by_attribute(self.scope, kept).items()))
+        out = _by_attribute(self.scope, kept)
+        after = self._read_after()
+        if always or after is None or after("training"):
+            out[_TRAINING_KEY] = _training_flags(self.scope)
+        for name in _cached_functions(self.scope):
+            if always or (after(name) if after is not None else _named_by_classes(self.scope, name)):
+                out[f"{name}{CACHED_SUFFIX}"] = "its cached results"
+        return tuple(sorted(out.items()))
+
+    def _read_after(self) -> Callable[[str], bool] | None:
+        """Whether the code of the scope (or a hook of the user's on its modules) may read a name after its decision
+        (see :func:`moe_replay._code_settings.read_after_calls`; the calls as their establishment saw them made),
+        by name: ``training`` so read remaps its ids by mode, which ``train()`` or ``eval()`` between the capture
+        and the replay would change; read only before (jitter on the scores, a dropout), it moves the scores alone,
+        which a replay recomputes. None where that code is not read completely, or a decision call's place in it is
+        not known: any name may be."""
+        sites: dict[types.CodeType, set[int]] = {}
+        for ev in self.evidence.values():
+            for k in ev.decision:
+                site = ev.calls[k].site
+                if site is None:
+                    return None
+                sites.setdefault(site[0], set()).add(site[1])
+        hooks = _hook_reads(self.scope)
+        if not sites or not hooks.complete:
+            return None
+        codes = modules_codes_read([m for m in self.scope.modules() if type(m) not in _PLAIN_CONTAINERS])
+        if codes is None:
+            return None
+        at = {code: frozenset(offsets) for code, offsets in sites.items()}
+        return lambda name: name in hooks.names or read_after_calls(codes, at, name)
 
     def _read_before(self, settings: dict[str, str]) -> set[str]:
         """The keys of ``settings`` the code of the scope reads only to compute what its decision calls are handed

@@ -82,7 +82,7 @@ from .errors import (
     _ReadOnlyError,
 )
 from .evidence import AXES, VerifyReport, give_back_iterators, left_as_it_was
-from .intercept import EAGER, ClassForward, RouterHook, ScopedForward, _own_keys
+from .intercept import CACHED_SUFFIX, EAGER, ClassForward, RouterHook, ScopedForward, _own_keys
 from .losses import RouterScores
 from .orphans import OrphanWatch, watch_call, watch_first_runs, watch_forward
 from .ring import OVERFLOW_MARK, Budget, CaptureRing, ReplaySource, _fmt_bytes, calls_made_by, index_dtype
@@ -1679,8 +1679,20 @@ class Session:
                 continue
             now = dict(h.ids_settings(always=True) or ())
             for key, was in then:
+                if key.endswith(CACHED_SUFFIX):
+                    raise SessionStateError(
+                        f"router '{h.name}': its ids pass through code after its decision (it does not return the "
+                        f"indices its decision call returned, as they are), and that code calls the cached function "
+                        f"'{key.removesuffix(CACHED_SUFFIX)}': the rows recorded are its decision call's, and what "
+                        "the cache returns (cleared and filled again under other values since the capture) is no "
+                        "setting these routes can keep, so forced they may run other experts than the capture did. "
+                        "Hold the table the ids pass through in a buffer of the router's (its values are kept and "
+                        "compared), or force the experts by hand"
+                    )
                 is_ = now.get(key, "unset")
                 if is_ != was:
+                    if key == "training":
+                        key = "training (train() or eval())"
                     raise SessionStateError(
                         f"router '{h.name}': its ids pass through code after its decision (it does not return the "
                         f"indices its decision call returned, as they are), and '{key}' of it is {is_} now, but was "

@@ -298,29 +298,7 @@ class _CachedRemap(nn.Module):
 
 
 @pytest.mark.reliability("silent replays")
-@pytest.mark.parametrize(
-    "how",
-    [
-        pytest.param(
-            "cache",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a remap of a router's ids through a table a cached function returns (functools.lru_cache) is "
-                "no setting the routes keep: the cache cleared and filled again under another placement between the "
-                "blocks, the replay runs other experts without a word",
-            ),
-        ),
-        pytest.param(
-            "mode",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a remap of a router's ids by its module's training flag is no setting the routes keep "
-                "(train() and eval() between the blocks never refuse): captured in eval and replayed in train, the "
-                "replay runs other experts without a word",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("how", ["cache", "mode"])
 def test_a_remap_hidden_in_a_cache_or_the_training_flag_is_refused_or_exact(how: str) -> None:
     """The remap changed between the capture and the replay block: the replay runs the captured experts on the
     captured tokens, or is refused."""
