@@ -387,6 +387,14 @@ _FRESH = _tensor_funcs(
 #: Calls whose result holds the values of their second argument, not of their first (``buffer.copy_(weights)``,
 #: ``weights.new_tensor(values)``): it holds such values only where that argument does.
 _COPIES = {torch.Tensor.copy_: "src", torch.Tensor.new_tensor: "data"}
+#: Rankings whose input, and whose values, are scores (see :meth:`OrphanWatch._note_scores`)
+_RANKED_VALUES = _tensor_funcs("topk sort kthvalue")
+#: Calls whose other tensor arguments are templates (a dtype, a device, a shape): their result holds only the
+#: values of the first
+_TEMPLATES = _tensor_funcs("to type_as view_as reshape_as expand_as")
+#: Calls that make a tensor of the values they are handed (a list of a Python iteration's rows among them): it
+#: holds such values where any of them does
+_MADE_OF = frozenset((torch.tensor, torch.as_tensor, torch.asarray))
 #: Calls whose result, of such values, is where they are not zero (``nonzero``, ``!= 0``) or compares them (``==``
 #: the row's ``amax``): thresholds too, at zero where given the number 0 (see :func:`_at_zero`).
 _PATTERNS = _tensor_funcs("nonzero argwhere ne eq not_equal __ne__ __eq__")
@@ -857,6 +865,10 @@ class OrphanWatch(TorchFunctionMode):
         #: floating tensors holding an attached router's returned values (its weights or scores), picked, viewed,
         #: cast or scaled since (see :meth:`returned`), by id: the router's path
         self.scored: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        #: floating tensors made of scores by provenance, whatever their values (see :meth:`_note_scores`): those a
+        #: ranking ranked, or the values it gave (a top-k's), and what floating calls made of them since; an
+        #: attached router that returns one returns scores, though whole (a saturated softmax's ones and zeros)
+        self.from_scores: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
         #: those of :attr:`scored` whose zeros are not the slots the router left unfilled: shifted by an addition or a
         #: clamp since, or never (raw scores with signs, see :func:`_slot_pattern`)
         self.shifted: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
@@ -1151,11 +1163,15 @@ class OrphanWatch(TorchFunctionMode):
             and not self.scored
             and not self.later
             and not self.data
+            and not self.from_scores
+            and func not in _RANKED_VALUES
         ):
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        if self.data and not torch.compiler.is_compiling():
-            self._carry_data(func, args, kwargs, out)
+        if not torch.compiler.is_compiling():
+            if self.data:
+                self._carry_data(func, args, kwargs, out)
+            self._note_scores(func, args, kwargs, out)
         if (self.scored or self.later) and not torch.compiler.is_compiling():
             out = self._later(func, args, kwargs, out)
         if ranking is not None:
@@ -1185,6 +1201,26 @@ class OrphanWatch(TorchFunctionMode):
                 _weak_put(self.cdf, out, width)
         return out
 
+    def _note_scores(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Note the floating tensors of ``out`` as made of scores (:attr:`from_scores`) where ``func`` ranks (its
+        input and its values are scores, whatever their values), or computes from such a tensor into no more entries
+        (the hidden states a combine of the experts' outputs makes are none): from its first argument, or from any it
+        was handed where that is not a template (``to(other)``; ``zeros_like`` holds none of its values)."""
+        if func in _RANKED_VALUES:
+            made = [_arg(args, kwargs, 0, "input"), *_tensors(out, 1)[:1]]
+        elif not self.from_scores or func in _FRESH:
+            return
+        else:
+            sources = [_arg(args, kwargs, 0, "input")] if func in _TEMPLATES else _flat(args, kwargs)
+            held = [a for a in sources if isinstance(a, torch.Tensor) and _weak_get(self.from_scores, a)]
+            if not held:
+                return
+            largest = max(a.numel() for a in held)
+            made = [t for t in _tensors(out, 1) if t.numel() <= largest]
+        for t in made:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                _weak_put(self.from_scores, t, True)
+
     def returned(self, module: nn.Module, out: Any) -> None:
         """A module's forward ended in the watched forward, returning ``out``: where it is an attached router's scope
         that holds no experts, the floating tensors it returned (its weights, its scores; in a tuple, a list or a dict
@@ -1205,7 +1241,9 @@ class OrphanWatch(TorchFunctionMode):
             self.data.pop(id(t), None)
         ints = [t for t in tensors if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
         for t in tensors:
-            if t.is_floating_point() and t.dim() >= 1 and not _whole(t):  # (not counts, nor ids cast to floats)
+            # (not counts, nor ids cast to floats: whole numbers not made of scores; made of them, scores however
+            # whole, a saturated gate's)
+            if t.is_floating_point() and t.dim() >= 1 and (_weak_get(self.from_scores, t) or not _whole(t)):
                 _weak_put(self.scored, t, name)
                 _weak_put(self.raw, t, True)
                 if not _slot_pattern(t, ints):  # (its zeros are not the unfilled slots: a threshold at zero chooses)
@@ -1298,6 +1336,13 @@ class OrphanWatch(TorchFunctionMode):
             if router is not None and isinstance(out, torch.Tensor) and out.is_floating_point():
                 flags = (_weak_get(self.shifted, source), _weak_get(self.reduced, source), _weak_get(self.raw, source))
                 self._scored_result(out, router, *map(bool, flags))
+            return out
+        if held and func in _MADE_OF:  # (the values of the rows handed, a Python iteration's, made a tensor again)
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                moved = any(_weak_get(self.shifted, a) for a in held)
+                reduced = any(_weak_get(self.reduced, a) for a in held)
+                raw = all(_weak_get(self.raw, a) for a in held)
+                self._scored_result(out, _weak_get(self.scored, held[0]), moved, reduced, raw)
             return out
         if not held or func in _FRESH:
             return out

@@ -1,10 +1,13 @@
-"""A remapping router's mode and cached tables.
+"""A remapping router's mode and cached tables, rows of its weights made a tensor again, and a saturated gate.
 
 A router whose ids pass through code after its decision that reads its module's ``training`` flag (a remap by mode)
 keeps that flag among the settings its routes were captured under: captured in ``eval()`` and replayed in
 ``train()``, it is refused, naming the flag; jitter on its scores before the decision reads the flag too, and still
 replays. One whose code after the decision calls a cached function (``functools.lru_cache``) has no setting the
-routes can keep for the table it returns: its replay is refused, naming the function.
+routes can keep for the table it returns: its replay is refused, naming the function. A tensor made again of the
+rows of a Python iteration over a router's weights (``torch.tensor([v for v in w])``) holds their values, so a
+statistic of it is no choice; and weights a router returns from a ranking of its scores are scores even where a
+saturated gate makes them whole, so a cut by weight after them is refused at the first capture.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import torch
 from torch import nn
 
 import moe_replay as mr
+from tests.conftest import assert_untouched, snapshot
 from tests.test_evidence import D as _RD
+from tests.test_review70 import _Router, _Stack
 from tests.test_review71 import E as _RE
 from tests.test_review71 import _Model
 from tests.test_review73 import _same_state, _state
+from tests.test_review79 import D, K, _SharpCut, _x
 
 
 class _JitterRouter(nn.Module):
@@ -175,3 +181,70 @@ def test_a_router_returning_its_indices_as_they_are_beside_a_cached_function_rep
         with torch.no_grad(), session.replay(routes):
             model(x)
         assert sorted(model.block.ran[-1]) == captured
+
+
+class _RowsLogged(nn.Module):
+    """Dispatch by the router's ids, its weights' rows made a tensor again and summed into a statistic kept aside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = _Router()
+        self.experts = nn.ModuleList([nn.Linear(D, D) for _ in range(4)])
+        self.total = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, D)
+        weights, ids = self.router(tokens)
+        self.total = torch.tensor([v for v in weights[:, 0]]).sum().item()
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(ids == e)
+            out[tok] += expert(tokens[tok]) * weights[tok, slot].unsqueeze(-1)
+        return out.view_as(x)
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_statistic_of_the_weights_rows_made_a_tensor_again_is_no_choice() -> None:
+    """Not refused: the replay after the gate changes runs the captured experts' count of tokens."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Stack(_RowsLogged()).eval()
+    block = model.layers[0]
+    ran: list[tuple[int, int]] = []
+    for e, ex in enumerate(block.experts):
+        ex.register_forward_pre_hook(lambda m, a, e=e: ran.append((e, a[0].shape[0])))
+    x = _x()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        captured, ran[:] = list(ran), []
+        with torch.no_grad():
+            block.router.gate.weight.mul_(-1.0)
+            model(x)
+        assert ran != captured, "the changed gate runs the same experts: tries nothing"
+        ran.clear()
+        with torch.no_grad(), session.replay(session.routes()):
+            model(x)
+    assert ran == captured
+
+
+@pytest.mark.reliability("silent replays")
+def test_a_cut_by_weight_of_a_gate_saturated_at_capture_is_refused_at_the_first_capture() -> None:
+    """Captured with the gate's logits far apart (its weights exactly one and zero): the cut by a minimum weight
+    after the router is a choice by score all the same, refused at the first capture naming the block; the model as
+    it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Stack(_SharpCut()).eval()
+    block = model.layers[0]
+    x = _x()
+    with torch.no_grad():
+        block.router.gate.weight.mul_(1e5)
+        weights = block.router(x.reshape(-1, D))[0]
+        assert torch.equal(weights, weights.round()), "the gate does not saturate: the case tries nothing"
+    assert weights.shape[-1] == K
+    before = snapshot(model)
+    with pytest.raises(mr.UnsupportedRouterError, match=r"choice by score[\s\S]*'layers.0' \(_SharpCut\)"):
+        with mr.attach(model) as session, torch.no_grad(), session.capture():
+            model(x)
+    assert_untouched(model, before)
