@@ -637,6 +637,46 @@ def _cached_functions(scope: nn.Module) -> list[str]:
     return sorted(out)
 
 
+#: how many code objects :func:`_classes_codes` reads at most (beyond: None, not read completely)
+_MAX_CLASS_CODES = 4096
+
+
+def _classes_codes(scope: nn.Module) -> list[types.CodeType] | None:
+    """The code of the functions of the classes of ``scope``'s modules (torch's own aside), those defined in it, and
+    the functions of their modules that code names, followed until no more are found: where the code a forward runs
+    is not read completely, all it may run of its own (a function held on an instance aside). None beyond
+    :data:`_MAX_CLASS_CODES` of them."""
+    fns: list[Any] = [
+        value.__func__ if isinstance(value, staticmethod | classmethod) else value
+        for cls in dict.fromkeys(type(m) for m in scope.modules())
+        for c in cls.__mro__
+        if not c.__module__.startswith("torch.") and c is not object
+        for value in vars(c).values()
+    ]
+    fns += [p.fget for f in list(fns) if isinstance(p := f, property) and p.fget is not None]
+    todo = [f for f in fns if isinstance(f, types.FunctionType)]
+    seen: set[types.CodeType] = set()
+    out: list[types.CodeType] = []
+    while todo:
+        fn = todo.pop()
+        codes = [fn.__code__]
+        while codes:
+            code = codes.pop()
+            if code in seen:
+                continue
+            seen.add(code)
+            out.append(code)
+            if len(out) > _MAX_CLASS_CODES:
+                return None
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+            for n in code.co_names:
+                g = fn.__globals__.get(n)
+                if isinstance(g, types.FunctionType) and g.__code__ not in seen:
+                    if not (g.__module__ or "").startswith("torch."):
+                        todo.append(g)
+    return out
+
+
 def _named_by_classes(scope: nn.Module, name: str) -> bool:
     """Does the code of a function of the classes of ``scope``'s modules (torch's own aside), or one defined in it,
     name ``name``? Where that code is not read completely, what it may call by name."""
@@ -1341,8 +1381,10 @@ class RouterHook:
         if not sites or not hooks.complete:
             return None
         codes = modules_codes_read([m for m in self.scope.modules() if type(m) not in _PLAIN_CONTAINERS])
-        if codes is None:
-            return None
+        if codes is None:  # (what its classes' functions, and the functions of their modules those name, hold)
+            codes = _classes_codes(self.scope)
+            if codes is None:
+                return None
         at = {code: frozenset(offsets) for code, offsets in sites.items()}
         return lambda name: name in hooks.names or read_after_calls(codes, at, name)
 

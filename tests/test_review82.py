@@ -248,3 +248,24 @@ def test_a_cut_by_weight_of_a_gate_saturated_at_capture_is_refused_at_the_first_
         with mr.attach(model) as session, torch.no_grad(), session.capture():
             model(x)
     assert_untouched(model, before)
+
+
+@pytest.mark.reliability("false refusals")
+def test_switch_transformers_jitter_read_before_its_argmax_replays_from_eval_into_train() -> None:
+    """transformers' Switch router (its code not read completely: the flag found among its class's functions, read
+    before the ``argmax`` only): captured in eval, the routes replay in train, jitter on, each layer keeping the
+    tokens and experts the capture kept."""
+    from tests.test_public_routers import HFSwitchSparseMLP, TwoLayers
+    from tests.test_public_routers import _x as _switch_x
+
+    model = TwoLayers(HFSwitchSparseMLP).eval()
+    x = _switch_x()
+    with mr.attach(model) as session:
+        with torch.no_grad(), session.capture():
+            model(x)
+        used = [m.used.clone() for m in model.layers]
+        routes = session.routes()
+        model.train()
+        with torch.no_grad(), session.replay(routes):
+            model(x)
+    assert all(torch.equal(m.used, u) for m, u in zip(model.layers, used, strict=True))
