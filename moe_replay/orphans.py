@@ -78,20 +78,22 @@ view, copy (``copy_``, ``new_tensor``), cast or scale them, join them with other
 scatter them into a dense table (a combine tensor), reduce them (a token's total weight, an expert's load), map them
 elementwise (``exp``, ``log``, any other call keeping their shape) or multiply them into no more entries (``w @ M``, an
 ``einsum``, or a dense table over a bank's experts), or into any number with weights or tables made in the forward alone
-(``w @ M`` as wide as the hidden states; not a product with a tensor made from the forward's input, the experts'
-outputs combined or the hidden states dispatched, nor an elementwise product with anything larger), and in a module of
-an MoE block outside every router
+or with an operand alike for every token they run over (``w @ M`` as wide as the hidden states, ``M`` a buffer made
+three-dimensional or made from ``x.mean(0)``, ``w[..., None] * bias``; not a product with a tensor made from the
+forward's input that differs from token to token, the experts' outputs combined or the hidden states dispatched, nor an
+elementwise product with anything larger), and in a module of an MoE block outside every router
 (or one holding a router below it; not the model's own forward, whose top-k of all router logits feeds an auxiliary
 loss) a ranking of them is refused as made (of a statistic over the tokens, only where its indices are read); a ``max``
 or ``min`` along a dimension only where a later call reads its indices, and a threshold only where its mask is used
 beyond a count or a mean over the tokens or all of it (a statistic kept aside; a count per token of its slots over the
-threshold chooses as the mask does); ``!=``, ``nonzero`` and ``==`` (of the row's maximum: an arg-max by
-hand) are thresholds too. A threshold at zero of the router's own weights is the pattern of the slots its decision
-filled (nonnegative values, no fuller per row than the ids beside them); of raw scores with signs, a dense map fuller
-than the ids (a ReLU of the logits), or values moved off zero since, it is a threshold like any. Their entries made
-Python numbers (``tolist()``, ``numpy()``, a row's ``item()``: sorted in Python, the watch cannot see how they are used)
-are refused too, unless they are a statistic over the tokens (a loss, a load per expert). ``verify()`` and a forward
-watched again after the model changed follow them as a first forward does.
+threshold chooses as the mask does; the mask cast to numbers, scaled, shifted, counted along by ``cumsum`` and
+compared, or numbers selected by it, ``torch.where(keep, 2, 1)``, tell its tokens still); ``!=``, ``nonzero`` and
+``==`` (of the row's maximum: an arg-max by hand) are thresholds too. A threshold at zero of the router's own
+weights is the pattern of the slots its decision filled (nonnegative values, no fuller per row than the ids beside
+them); of raw scores with signs, a dense map fuller than the ids (a ReLU of the logits), or values moved off zero since,
+it is a threshold like any. Their entries made Python numbers (``tolist()``, ``numpy()``, a row's ``item()``: sorted in
+Python, the watch cannot see how they are used) are refused too, unless they are a statistic over the tokens (a loss, a
+load per expert). ``verify()`` and a forward watched again after the model changed follow them as a first forward does.
 """
 
 from __future__ import annotations
@@ -343,6 +345,23 @@ def _mask_arithmetic(
     result, as many entries, keeps the mask's order: ranked, it tells the tokens the mask does."""
     held = [a for a in _flat(args, kwargs) if _weak_get(thresholds, a) is not None]
     return max(held, key=lambda t: t.numel()) if held else None
+
+
+def _mask_select(
+    thresholds: dict[int, tuple[weakref.ref[torch.Tensor], Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor | None:
+    """The threshold's mask a ``torch.where(mask, a, b)`` selects by, where ``a`` and ``b`` are numbers (or tensors
+    of one entry): its result, as many entries, tells the tokens the mask does (``torch.where(keep, 2, 1)`` ranked),
+    or None."""
+    if len(args) + len(kwargs) != 3:
+        return None
+    mask = _arg(args, kwargs, 0, "condition")
+    values = (_arg(args, kwargs, 1, "input"), _arg(args, kwargs, 2, "other"))
+    if _weak_get(thresholds, mask) is None or not all(
+        isinstance(v, (int, float, bool)) or (isinstance(v, torch.Tensor) and v.numel() == 1) for v in values
+    ):
+        return None
+    return mask if isinstance(mask, torch.Tensor) else None
 
 
 def _tensor_funcs(names: str) -> frozenset[Any]:
@@ -1051,7 +1070,10 @@ class OrphanWatch(TorchFunctionMode):
             func in TOKEN_MASKS
             or func in _THRESHOLDS
             or func in _MASK_LOGIC
-            or (self.thresholds and (func in _MASK_CASTS or func in _HOST_READS or func in _SCALINGS))
+            or (
+                self.thresholds
+                and (func in _MASK_CASTS or func in _HOST_READS or func in _SCALINGS or func in _RUNNING)
+            )
         ) and not torch.compiler.is_compiling():
             masked = self._holder_mask(func, args, kwargs)
         source = None  # where a top-k among keys is taken outside every router, whose indices are followed
@@ -1396,8 +1418,11 @@ class OrphanWatch(TorchFunctionMode):
             # (into more entries or the hidden states' width: with a tensor made from the forward's input, the
             # experts' outputs or the hidden states, a combine or a dispatch, not followed; with only weights or
             # tables made in the forward, ``weights @ M`` however wide, their scores still)
-            table = not any(_weak_get(self.data, a) is not None for a in tensors) and all(
-                a.dim() <= 2 or self._weight(a) is not None for a in others
+            # (an operand the same for every token the values run over, ``weights @ proj(x.mean(0))``, a buffer or a
+            # weight made 3-D, is no tokens' outputs whatever it is made from)
+            shared = {id(a) for a in others if self._shared(func, args, kwargs, held[0], a)}
+            table = not any(_weak_get(self.data, a) is not None and id(a) not in shared for a in tensors) and all(
+                a.dim() <= 2 or self._weight(a) is not None or id(a) in shared for a in others
             )
             for t in results:  # (as many entries, or a dense table of them over a bank's experts)
                 dense = t.dim() >= 1 and int(t.shape[-1]) in self.widths and t.numel() <= largest * max(self.widths)
@@ -1407,12 +1432,55 @@ class OrphanWatch(TorchFunctionMode):
         elif results and (func in _SCALINGS or func in ELEMENTWISE):
             moved = shifted or func in _SHIFTS or (func not in _SCALINGS and func not in _KEEP_ZERO)
             reduced = all(_weak_get(self.reduced, a) for a in held)
+            # (into more entries only by operands the same for every token the values run over: ``w[..., None] *
+            # torch.ones(D)`` ranks the tokens as ``w`` does; not by the hidden states, nor by the experts' outputs)
+            others = [a for a in _flat(args, kwargs) if _weak_get(self.scored, a) is None]
+            wider = len(held) == 1 and all(self._shared(func, args, kwargs, held[0], a) for a in others)
             for t in results:
-                if t.numel() <= largest:
+                if t.numel() <= largest or wider:
                     self._scored_result(t, router, moved, reduced)
         elif func not in _STATISTICS:  # (any other call keeping their shape: a ``softmax``, a ``heaviside``, a mask)
             self._derived(func, args, kwargs, out, held)
         return out
+
+    def _shared(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], held: torch.Tensor, other: torch.Tensor
+    ) -> bool:
+        """Is ``other``, an operand of this product or elementwise call beside ``held`` (values a router returned),
+        the same for every token ``held`` runs over (broadcast along each of its dimensions known to be the input's,
+        at least one of them of more than one token)? Then the result holds each token's values mixed with one table
+        (``weights @ M``, ``w[..., None] * bias``), their order over the tokens the values' own, not a combine of the
+        experts' outputs per token, which differ from token to token."""
+        labels = self.axes.labels(held)
+        tokens = [d for d, label in enumerate(labels) if label == DATA and held.shape[d] > 1]
+        if not tokens:
+            return False
+        if func in _PRODUCTS:  # (``held @ other``: ``other`` alike for every row of ``held``, and for its batches
+            # where ``other``'s are of one; not where ``held`` comes second, nor an ``einsum``)
+            if func in (torch.einsum, torch.Tensor.__rmatmul__) or held.dim() < 2 or not (args and args[0] is held):
+                return False
+            rows = held.dim() - 2
+            if func is F.linear:  # (``other`` is a weight of two dimensions, or the bias: alike for every row)
+                return all(d != held.dim() - 1 for d in tokens) and other.dim() <= 2
+            extra = other.shape[:-2]
+            for d in tokens:
+                if d == rows:
+                    continue
+                if d > rows:  # (the tokens summed over: a statistic of them, not the values per token)
+                    return False
+                at = d - rows + len(extra)
+                if 0 <= at < len(extra) and extra[at] != 1:
+                    return False
+            return True
+        if func not in _SCALINGS and func not in ELEMENTWISE:
+            return False
+        if not isinstance(other, torch.Tensor):
+            return True  # (a number)
+        for d in tokens:  # (aligned from the right, as broadcasting does)
+            at = d - held.dim() + other.dim()
+            if 0 <= at < other.dim() and other.shape[at] != 1:
+                return False
+        return True
 
     def _statistic(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Is this call of :data:`_STATISTICS` of ``x`` (a threshold's mask, an extreme's indices) a statistic kept
@@ -1545,15 +1613,21 @@ class OrphanWatch(TorchFunctionMode):
         cast = func in _MASK_CASTS or func in _HOST_READS
         if cast and _weak_get(self.thresholds, args[0] if args else None) is not None:
             pass  # (a threshold's mask cast, copied or read on the host: followed, or noted, in _mask_use)
-        elif func in _SCALINGS:  # (a threshold's mask, cast, then scaled or shifted: followed in _mask_use)
+        elif func in _SCALINGS or func in _RUNNING:  # (a threshold's mask, cast, then scaled, shifted or counted
+            # along: followed in _mask_use)
             if _mask_arithmetic(self.thresholds, args, kwargs) is None:
                 return None  # (arithmetic on anything else, a boolean input among them: no mask)
-        elif func in _THRESHOLDS:
+        elif func in _THRESHOLDS:  # (of floating scores, or of a threshold's mask made numbers: a cap on its count)
             x = _arg(args, kwargs, 0, "input")
-            if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1):
+            if not (isinstance(x, torch.Tensor) and x.dim() >= 1) or not (
+                x.is_floating_point() or _weak_get(self.thresholds, x) is not None
+            ):
                 return None
         elif cast:  # (of anything else: no mask)
             return None
+        elif func is torch.where and len(args) + len(kwargs) == 3:  # (numbers selected by a threshold's mask)
+            if _mask_select(self.thresholds, args, kwargs) is None:
+                return None
         elif func in _MASK_LOGIC:  # (of a threshold's mask: its result is one too)
             if not any(isinstance(v, torch.Tensor) and _weak_get(self.thresholds, v) is not None for v in args):
                 return None
@@ -1582,9 +1656,14 @@ class OrphanWatch(TorchFunctionMode):
             if isinstance(out, torch.Tensor):  # (its values in another dtype, or on another device: the mask still)
                 _weak_put(self.thresholds, out, True)
             return
-        if func in _SCALINGS:  # (scaled, shifted or added to: as many entries ranked tell the tokens the mask does)
+        if func in _SCALINGS or func in _RUNNING:  # (scaled, shifted, added to or counted along (``keep.cumsum(0)``,
+            # each token's place among those kept): as many entries ranked tell the tokens the mask does)
             mask = _mask_arithmetic(self.thresholds, args, kwargs)
             if mask is not None and isinstance(out, torch.Tensor) and out.numel() <= mask.numel():
+                _weak_put(self.thresholds, out, True)
+            return
+        if func is torch.where and len(args) + len(kwargs) == 3:  # (one number where the mask holds, another not)
+            if isinstance(out, torch.Tensor) and _mask_select(self.thresholds, args, kwargs) is not None:
                 _weak_put(self.thresholds, out, True)
             return
         if func in _THRESHOLDS or func in _MASK_LOGIC:
