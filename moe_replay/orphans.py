@@ -364,6 +364,36 @@ def _mask_select(
     return mask if isinstance(mask, torch.Tensor) else None
 
 
+#: Writes of a value where a mask holds (``z.masked_fill(keep, 1)``, ``z[keep] = 1``): into a tensor of one value
+#: throughout, a threshold's mask written so is that mask in numbers (see :func:`_mask_fill`)
+_MASK_FILLS = frozenset(
+    (torch.masked_fill, torch.Tensor.masked_fill, torch.Tensor.masked_fill_, torch.Tensor.__setitem__)
+)
+
+
+def _mask_fill(
+    thresholds: dict[int, tuple[weakref.ref[torch.Tensor], Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor | None:
+    """The threshold's mask a call of :data:`_MASK_FILLS` writes one number at, into a tensor of its shape holding
+    one other value throughout (``torch.zeros(n).masked_fill(keep, 1)``, ``z[keep] = 1``): the result, ranked, tells
+    the tokens the mask does; or None (read before the write)."""
+    target = _arg(args, kwargs, 0, "input")
+    index = _arg(args, kwargs, 1, "mask")
+    mask = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+    value = _arg(args, kwargs, 2, "value")
+    if (
+        not isinstance(target, torch.Tensor)
+        or not isinstance(mask, torch.Tensor)
+        or _weak_get(thresholds, mask) is None
+        or target.shape != mask.shape
+        or not target.numel()
+        or not (isinstance(value, (int, float, bool)) or (isinstance(value, torch.Tensor) and value.numel() == 1))
+    ):
+        return None
+    flat = target.detach().reshape(-1)
+    return mask if bool((flat == flat[0]).all()) and bool(flat[0] != value) else None
+
+
 def _tensor_funcs(names: str) -> frozenset[Any]:
     """The functions of ``torch`` and methods of ``torch.Tensor`` of these names (those that exist)."""
     return frozenset(
@@ -1072,7 +1102,13 @@ class OrphanWatch(TorchFunctionMode):
             or func in _MASK_LOGIC
             or (
                 self.thresholds
-                and (func in _MASK_CASTS or func in _HOST_READS or func in _SCALINGS or func in _RUNNING)
+                and (
+                    func in _MASK_CASTS
+                    or func in _HOST_READS
+                    or func in _SCALINGS
+                    or func in _RUNNING
+                    or func in _MASK_FILLS
+                )
             )
         ) and not torch.compiler.is_compiling():
             masked = self._holder_mask(func, args, kwargs)
@@ -1628,6 +1664,9 @@ class OrphanWatch(TorchFunctionMode):
         elif func is torch.where and len(args) + len(kwargs) == 3:  # (numbers selected by a threshold's mask)
             if _mask_select(self.thresholds, args, kwargs) is None:
                 return None
+        elif func in _MASK_FILLS:  # (a number written at a threshold's mask into a tensor of one value)
+            if _mask_fill(self.thresholds, args, kwargs) is None:
+                return None
         elif func in _MASK_LOGIC:  # (of a threshold's mask: its result is one too)
             if not any(isinstance(v, torch.Tensor) and _weak_get(self.thresholds, v) is not None for v in args):
                 return None
@@ -1665,6 +1704,11 @@ class OrphanWatch(TorchFunctionMode):
         if func is torch.where and len(args) + len(kwargs) == 3:  # (one number where the mask holds, another not)
             if isinstance(out, torch.Tensor) and _mask_select(self.thresholds, args, kwargs) is not None:
                 _weak_put(self.thresholds, out, True)
+            return
+        if func in _MASK_FILLS:  # (written in place, or a copy: the mask in numbers either way)
+            made = out if isinstance(out, torch.Tensor) else first
+            if isinstance(made, torch.Tensor):
+                _weak_put(self.thresholds, made, True)
             return
         if func in _THRESHOLDS or func in _MASK_LOGIC:
             if isinstance(out, torch.Tensor) and out.dtype == torch.bool:
