@@ -781,6 +781,13 @@ class _ProbeMode(TorchFunctionMode):
         self.axes: list[tuple[int, int, int]] = []  # those of a forceable family: (dim, ndim, width) each
         self.flat: list[str] = []  # top-ks of flat score tensors (not decisions), described
         self.drawn: list[str] = []  # one-hots drawn inside one call (``gumbel_softmax(hard=True)``), described
+        # random draws the forward makes (see _note_draw), described, each with whether the forced decision was
+        # answered before it; and those whose results reached integers or booleans made by no decision-like call
+        # (experts sampled: ``multinomial``, ``rand_like(p) < p``), described
+        self.draws: list[tuple[str, bool]] = []
+        self.sampled: list[str] = []
+        self._random: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # what is made of a draw: which one
+        self._keeps: set[int] = set()  # the draws (by place in draws) that keep values and choose none: dropout
         self.masked: list[torch.Tensor] = []
         self.unmasked: list[bool] = []  # per call: its input is a masked copy that was seen
         self.sources: list[tuple[torch.Tensor, torch.Tensor]] = []  # (masked copy, the scores it masks), forcing
@@ -840,6 +847,8 @@ class _ProbeMode(TorchFunctionMode):
                 return written
         answered = self.answered
         out = self._call(func, args, kwargs, foreign)
+        if NESTING.depth == self.depth:
+            self._note_draw(func, args, kwargs, out)
         if func in _PEAKS and NESTING.depth == self.depth:
             out = self._peaked(args, kwargs, out)
         if (self.watch is not None or self.bump is not None) and NESTING.depth == self.depth:
@@ -886,6 +895,53 @@ class _ProbeMode(TorchFunctionMode):
                 self._cut_follow(func, given, made)
             return self._after(func, args, kwargs, out, scored, read, made)
         return out
+
+    def _note_draw(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Note a draw from a random stream (see :data:`_SAMPLING`) and follow what is made of it through every
+        call that reads its values: where integers or booleans are made of it by a call that is no decision-like
+        one (``multinomial`` itself, ``rand_like(p) < p``, ``bernoulli(p).bool()``), the draw chose them, and that
+        draw is noted in :attr:`sampled`. A decision-like call over drawn scores (noise on the logits, then a
+        top-k) chooses by the scores as a replay forces them, and a test for zero tells an underflow from a weight:
+        neither is a sampling. A dropout that draws is noted and followed too (its zeros may move the weights), but
+        it keeps values and samples no choice."""
+        full = getattr(func, "__name__", "")
+        name = full.partition(".")[0].strip("_")  # (an aten operator: bernoulli.p)
+        dropping = name in _DROPOUTS and _dropping(args, kwargs)
+        if name in _SAMPLING or dropping:
+            made = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
+            origin = len(self.draws)
+            if origin >= 8:
+                return
+            # (after the decision: once every call of it was answered, a draw between two of its calls is before)
+            self.draws.append((f"{name} at {_where()}", bool(self.force) and self.answered >= len(self.force)))
+            if dropping:  # (named where its zeros move the weights, but it keeps values: it samples no choice)
+                self._keeps.add(origin)
+            chooses = not dropping and (name in _DISCRETE_DRAWS or any(_discrete_dtype(t) for t in made))
+        else:
+            if not self._random or func in _SHAPE_ONLY:
+                return
+            origins = [
+                got[1]
+                for t in _leaves((args, kwargs), [])
+                if isinstance(t, torch.Tensor) and (got := self._random.get(id(t))) is not None and got[0]() is t
+            ]
+            if not origins:
+                return
+            origin = min((o for o in origins if o not in self._keeps), default=min(origins))
+            made = [t for t in _leaves(out, []) if isinstance(t, torch.Tensor)]
+            if func in DECISION_FUNCS:  # (its indices are a decision over drawn scores, forced as any: its values
+                made = [t for t in made if not _discrete_dtype(t)]  # still carry the draw)
+                chooses = False
+            elif _tests_zero(full, args, kwargs, made):  # (an underflow told from a weight: no choice of its own)
+                return
+            else:
+                chooses = any(_discrete_dtype(t) for t in made)
+        for t in made:
+            if len(self._random) < 65536:
+                self._random[id(t)] = (weakref.ref(t), origin)
+        drawn = self.draws[origin][0]
+        if chooses and origin not in self._keeps and drawn not in self.sampled:
+            self.sampled.append(drawn)
 
     def _cut_follow(self, func: Any, given: list[Any], made: list[Any]) -> None:
         """After the forced decision: follow its own results through elementwise calls and views (``w / w.sum()``,
@@ -1301,6 +1357,31 @@ _VIEWS = frozenset(
         "transpose permute narrow select unbind split chunk"
     ).split()
 )
+#: The names of torch's calls that draw from a random stream (functions, methods, in-place fills, aten operators),
+#: followed by :meth:`_ProbeMode._note_draw`; not dropout, which keeps values rather than choosing among them.
+_SAMPLING = frozenset(
+    (
+        "multinomial bernoulli rand rand_like randn randn_like randint randint_like randperm normal poisson uniform "
+        "exponential geometric cauchy log_normal random gumbel_softmax"
+    ).split()
+)
+#: The names of torch's dropouts: draws that keep or zero values (in training, ``p > 0``), named where the zeros they
+#: make move the weights, never a sampling of experts (see :func:`_dropping`).
+_DROPOUTS = frozenset(
+    "dropout feature_dropout alpha_dropout feature_alpha_dropout dropout1d dropout2d dropout3d".split()
+)
+
+
+def _dropping(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Does a dropout called with ``args`` and ``kwargs`` draw (``p > 0`` in training: ``F.dropout(x, p, training)``,
+    ``torch.dropout(x, p, train)``)?"""
+    p = _arg(args, kwargs, 1, "p", 0.5)
+    training = kwargs.get("train", _arg(args, kwargs, 2, "training", True))
+    return bool(training) and isinstance(p, numbers.Number) and float(p) > 0  # type: ignore[arg-type]
+
+
+#: Those of :data:`_SAMPLING` whose draws are choices themselves (indices, counts, 0/1 of a coin), whatever their dtype.
+_DISCRETE_DRAWS = frozenset("multinomial bernoulli randint randint_like randperm random poisson geometric".split())
 #: Calls whose results take only the shape, type and device of their tensor arguments, none of their values.
 _SHAPE_ONLY = frozenset(
     {
@@ -4918,7 +4999,10 @@ def _establish(
         mattering = [c for c in calls if c.effect]
         if not mattering:
             why = "no decision-like call in its forward changes the output when its choice changes"
-            if not calls:
+            sampled = _sampled_choice(probe, seen, base, tolerance)
+            if sampled is not None:
+                why, fix = sampled
+            elif not calls:
                 why = (
                     "its forward makes no decision-like call (topk, argmax, max, sort): soft routing (every expert "
                     "weighted), or a threshold (the experts whose weight passes a relu or a comparison, a count that "
@@ -4998,6 +5082,7 @@ def _establish(
             if (
                 not calls
                 and seen.aside
+                and sampled is None
                 and not (seen.flat or seen.drawn or seen.escapes)
                 and call is None
                 and (family is None or family in FORCEABLE)
@@ -5831,7 +5916,7 @@ def _refuse_later_choice(name: str, probe: _Prober, calls: Sequence[Call], seen:
     else:
         _refuse_choice_on_more_tokens(name, probe, calls, force, ev)
     if drew:
-        _refuse_drawn_choice(name, probe, calls, force, ev, seen.drawn)
+        _refuse_drawn_choice(name, probe, calls, force, ev, seen.drawn, first.draws)
 
 
 def _refuse_scored_choice(
@@ -6308,6 +6393,36 @@ def _check_on_more_tokens(
     return None if where is None else f"{where} (on {tokens} {'copies of one token' if one_token else 'tokens'})"
 
 
+def _sampled_choice(probe: _Prober, seen: _ProbeMode, base: Any, tolerance: float) -> tuple[str, str] | None:
+    """Where no decision-like call's choice changes the output: the refusal's reason and fix where the forward's
+    random draws choose its experts (integers or booleans made of a draw by no decision-like call, see
+    :meth:`_ProbeMode._note_draw`: ``torch.multinomial`` over the probabilities, a mask ``rand_like(p) < p``) and its
+    output changes with the random state; None where it draws no choice, or its output does not move with the draw
+    (a choice made aside, for a statistic), so that the other reasons are told."""
+    if not seen.sampled:
+        return None
+    try:
+        other, _ = probe.run(reseed=_RESEED)
+    except Exception as e:  # (a forward that fails under another random state tells nothing more here)
+        _only_forwards(e)
+        return None
+    if _distance(base, other)[0] <= tolerance:
+        return None
+    shown = ", ".join(seen.sampled[:3])
+    why = (
+        f"its experts are sampled: {shown} draws from the random stream what its forward chooses (integers or "
+        "booleans made of the draw by no decision-like call), and its output changes with the random state. A random "
+        "draw is not a decision that can be recorded and forced: sampling cannot be replayed"
+    )
+    fix = (
+        "Route by the scores in evaluation (model.eval(), where the router chooses by torch.topk or argmax), or "
+        "choose the experts with torch.topk (or argmax) over the scores with noise drawn before it (Gumbel noise "
+        "added to the logits), so that the choice is a decision-like call whose indices are recorded and forced; a "
+        "seeded draw (generator=) still draws again on each forward, so record the sampled experts yourself"
+    )
+    return why, fix
+
+
 def _more_tokens(probe: _Prober, *, one_token: bool = False) -> tuple[tuple[Any, ...], dict[str, Any], int] | None:
     """The probe's inputs with their hidden states replaced by random ones of at least ``_FEW_TOKENS`` tokens
     (``one_token``: the first token repeated, at least ``_MANY_TOKENS`` times), and that number of tokens;
@@ -6335,6 +6450,7 @@ def _refuse_drawn_choice(
     force: dict[int, tuple[Any, int]],
     ev: Evidence,
     drawn: Sequence[str] = (),
+    draws: Sequence[tuple[str, bool]] = (),
 ) -> None:
     """Refuse a router that drops experts at random after its decision.
 
@@ -6351,6 +6467,11 @@ def _refuse_drawn_choice(
 
     ``drawn``: one-hots the forward drew inside one call (``gumbel_softmax(hard=True)``): where there are, the
     decision reads back experts drawn at random there (an ``argmax`` of the one-hot), and the refusal says so.
+    ``draws``: the random draws the forward made with the decision held, each with whether it came after the
+    decision (see :attr:`_ProbeMode.draws`), named in the refusal. Where only the zeros of its weights move and no
+    draw came after the decision (noise on the scores, drawn before it, loud enough that a forced expert's weight
+    underflows to exactly zero), the refusal says that a forced expert's weight is exactly zero, not that the
+    forward chooses again.
     """
     where = _drawn(probe, force, None, ev)
     more = _more_tokens(probe, one_token=True) if where is None else None
@@ -6376,16 +6497,41 @@ def _refuse_drawn_choice(
             "tau).softmax(-1), idx = y_soft.argmax(-1, keepdim=True), and build the straight-through one-hot from "
             "idx (or route by the argmax of the logits, as in eval)",
         )
-    if where is not None:
+    after = [d for d, late in draws if late]
+    if where is not None and _ZEROS in where and not after:
+        before = [d for d, late in draws if not late]
+        shown = f" ({', '.join(before[:3])}, before its decision)" if before else ""
+        beside = _beside_the_weights(probe, calls, force, ev)
+        what = (
+            "values it returns beside its weights are exactly zero in other places under one random state than "
+            "under another"
+            if beside
+            else "a forced expert's weight is exactly zero under one random state and not under another"
+        )
         raise _refuse(
             name,
             calls,
-            f"after its decision ({_chosen(ev)}) its forward draws from the random stream and chooses again: with "
-            f"the decision held, {where} changes with the random state. A replay forces the decision, not those "
-            "draws (tokens over a capacity dropped by a random priority, a second expert kept by a coin, experts "
-            "masked at random in the scores its weights are read from, so that a forced expert weighs zero: expert "
-            "dropout, even where the mask is drawn before the decision), and a replayed forward runs under another "
-            "random state than the capture, so the experts used would not be the recorded ones",
+            f"with its decision ({_chosen(ev)}) held, {what}: {where} changes with the random state. Its forward "
+            f"draws from the random stream{shown}, and what it makes of the draw underflows (or is masked) to "
+            "exactly zero under some draws; where a token runs an expert only where its weight is not zero, "
+            "whether a forced expert runs depends on the draw, which a replay does not keep (a replayed forward "
+            "runs under another random state than the capture), and the experts used would not be the recorded ones",
+            "Keep the weights of the chosen experts from reaching exactly zero under a draw from the random stream: "
+            "bound the noise (or route without it: model.eval()), read the weights from scores without the random "
+            "mask or noise (those only for the decision), or dispatch each token to its chosen experts by the "
+            "decision's indices rather than by which of its weights are not zero" + beside,
+        )
+    if where is not None:
+        shown = f" ({', '.join(after[:3])})" if after else ""
+        raise _refuse(
+            name,
+            calls,
+            f"after its decision ({_chosen(ev)}) its forward draws from the random stream{shown} and chooses "
+            f"again: with the decision held, {where} changes with the random state. A replay forces the "
+            "decision, not those draws (tokens over a capacity dropped by a random priority, a second expert kept by "
+            "a coin, experts masked at random in the scores its weights are read from, so that a forced expert weighs "
+            "zero: expert dropout, even where the mask is drawn before the decision), and a replayed forward runs "
+            "under another random state than the capture, so the experts used would not be the recorded ones",
             "Turn the random choice after the decision off (DeepSpeed: use_rts=False), draw it before the "
             "decision (noise on the scores, as jitter), mask experts at random only in the scores the decision "
             "reads (the weights read from the unmasked scores), or drop tokens and experts after it only by rules "
@@ -7026,6 +7172,10 @@ def _weighs_experts(
     return any(size in sizes or (e > 1 and size % e == 0) for size in t.shape)
 
 
+#: How :func:`_restructured` names a tensor whose zeros moved (weights of experts zero in other places).
+_ZEROS = "which of its weights are zero"
+
+
 def _restructured(
     a: Any, b: Any, ev: Evidence, hidden: torch.Size | None = None, rows: tuple[int, ...] = ()
 ) -> str | None:
@@ -7062,7 +7212,7 @@ def _restructured(
         if bool(moved.any()):
             scale = float(torch.maximum(x.nan_to_num(0, 0, 0).max(), y.nan_to_num(0, 0, 0).max()))
             if bool((moved & (torch.maximum(x, y) > tol * scale)).any()):
-                return f"{what} (which of its weights are zero)"
+                return f"{what} ({_ZEROS})"
     return None
 
 
