@@ -5002,6 +5002,8 @@ def _establish(
             sampled = _sampled_choice(probe, seen, base, tolerance)
             if sampled is not None:
                 why, fix = sampled
+                if not calls:
+                    why = f"its forward makes no decision-like call (topk, argmax, max, sort): {why}"
             elif not calls:
                 why = (
                     "its forward makes no decision-like call (topk, argmax, max, sort): soft routing (every expert "

@@ -16,6 +16,9 @@ from torch import nn
 
 import moe_replay as mr
 from tests.conftest import assert_untouched, snapshot
+from tests.test_evidence import RouterBlock, TwoLayers
+from tests.test_public_routers2 import _x
+from tests.test_public_routers5 import SampledRouter
 from tests.test_public_routers6 import _Used
 from tests.test_public_routers40 import MoDENet, MoDERouterCond, NanoMoERouter, _loud_noise_nanomoe, _mode_inputs
 
@@ -186,3 +189,23 @@ def test_a_sampling_that_does_not_reach_the_output_is_not_named_as_the_cause() -
     msg = _refusal(SoftBlock(), torch.randn(6, D, generator=torch.Generator().manual_seed(3)))
     assert "its experts are sampled" not in msg, msg
     assert "its forward makes no decision-like call" in msg, msg
+
+
+@pytest.mark.reliability("bad inputs")
+@pytest.mark.parametrize(
+    ("how", "call", "text"),
+    [
+        ("multinomial", "multinomial", "torch.multinomial("),
+        ("categorical", "multinomial", "Categorical("),  # (its sample() draws by torch.multinomial)
+        ("inverse-cdf", "rand", "torch.rand("),
+    ],
+)
+def test_a_draw_that_chooses_with_no_decision_like_call_is_named_with_its_line(how: str, call: str, text: str) -> None:
+    """An expert drawn from the router's softmax (``multinomial``, a ``Categorical`` sample, an inverse-CDF draw by
+    hand from ``rand``) with no decision-like call in the forward: still refused as making none, and the draw that
+    chose is named with the line of the router's code that made it, as a sampling that cannot be replayed."""
+    msg = _refusal(TwoLayers(lambda: RouterBlock(SampledRouter(how))), _x())
+    line = _line_of(SampledRouter.forward, text)
+    assert "makes no decision-like call" in msg, msg
+    assert re.search(rf"its experts are sampled: {call} at test_public_routers5\.py:{line}\b", msg), msg
+    assert "sampling cannot be replayed" in msg, msg
