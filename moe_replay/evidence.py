@@ -4999,11 +4999,13 @@ def _establish(
         mattering = [c for c in calls if c.effect]
         if not mattering:
             why = "no decision-like call in its forward changes the output when its choice changes"
-            sampled = _sampled_choice(probe, seen, base, tolerance)
+            # (a draw that chose, where no call's values reach the output either: a comparison with a decision's
+            # values, as Gumbel noise compared with its maximum, is told as such, and noise before a decision-like
+            # call replays)
+            sampled = _sampled_choice(probe, seen, base, tolerance) if not calls else None
             if sampled is not None:
                 why, fix = sampled
-                if not calls:
-                    why = f"its forward makes no decision-like call (topk, argmax, max, sort): {why}"
+                why = f"its forward makes no decision-like call (topk, argmax, max, sort): {why}"
             elif not calls:
                 why = (
                     "its forward makes no decision-like call (topk, argmax, max, sort): soft routing (every expert "
@@ -5080,6 +5082,8 @@ def _establish(
                         "dispatch the tokens by those indices and read their weights at them (the values, or "
                         f"scores.gather(-1, indices)). {fix[0].upper()}{fix[1:]}"
                     )
+                elif escaped is None and (sampled := _sampled_choice(probe, seen, base, tolerance)) is not None:
+                    why, fix = sampled
             refusal = _refuse(name, calls, why, fix)
             if (
                 not calls
@@ -6528,8 +6532,8 @@ def _refuse_drawn_choice(
         raise _refuse(
             name,
             calls,
-            f"after its decision ({_chosen(ev)}) its forward draws from the random stream{shown} and chooses "
-            f"again: with the decision held, {where} changes with the random state. A replay forces the "
+            f"after its decision ({_chosen(ev)}) its forward draws from the random stream and chooses again"
+            f"{shown}: with the decision held, {where} changes with the random state. A replay forces the "
             "decision, not those draws (tokens over a capacity dropped by a random priority, a second expert kept by "
             "a coin, experts masked at random in the scores its weights are read from, so that a forced expert weighs "
             "zero: expert dropout, even where the mask is drawn before the decision), and a replayed forward runs "

@@ -151,7 +151,7 @@ def test_a_coin_drawn_after_the_decision_is_refused_as_chosen_again_naming_the_d
     decision, now naming the draw (``rand``) and its line."""
     msg = _refusal(SecondByCoinBlock(), torch.randn(6, D, generator=torch.Generator().manual_seed(2)))
     line = _line_of(SecondByCoinRouter.forward, "torch.rand(")
-    assert re.search(rf"draws from the random stream \(rand at test_review84\.py:{line}\) and chooses again", msg), msg
+    assert re.search(rf"draws from the random stream and chooses again \(rand at test_review84\.py:{line}\)", msg), msg
 
 
 class SoftRouterSampledAside(nn.Module):
