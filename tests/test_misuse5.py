@@ -446,8 +446,8 @@ def _replayed_in_training(model: nn.Module, session: mr.Session, x: torch.Tensor
 @pytest.mark.reliability("silent replays")
 @pytest.mark.xfail(
     strict=True,
-    reason="dropout on a router's logits before its decision (train mode) is refused with zero configuration as a "
-    "random choice after the decision: the logits the router returns hold zeros that move with the random state, "
+    reason="dropout on a router's logits before its decision (train mode) is refused with zero configuration: the "
+    "logits the router returns beside its weights hold zeros that move with the random state, "
     "though every forced expert keeps a positive weight read from the current scores and the replay is exact (a "
     'false refusal; mr.Adapter(..., scope="parent"), which the refusal names, replays it exactly)',
 )
