@@ -905,12 +905,15 @@ def _top_k(module: nn.Module, parent: nn.Module | None, config: Any) -> int | No
     return None
 
 
-def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[int]) -> bool:
+def _near_experts(
+    module: nn.Module, parent: nn.Module | None, widths: Sequence[int], shared_configs: _SharedConfigs
+) -> bool:
     """Does the router say it has experts, or sit beside an expert container?
 
     A container is a sibling named like ``experts`` or of an ``*Experts`` class, or one
     holding stacked expert weights (a 3-D parameter with one slice per expert, as gpt-fast's
     ``cond_ffn``). This keeps gates that are not routers (a linear-attention ``forget_gate``) out.
+    ``shared_configs`` tells the model's config from a block's own (see :func:`_unmoduled_experts`).
     """
     if _int_attr(module, _EXPERT_KEYS):
         return True
@@ -929,7 +932,7 @@ def _near_experts(module: nn.Module, parent: nn.Module | None, widths: Sequence[
             return True  # a sibling MoE layer that declares the experts and k the gate's logits are passed to (TGI)
     if parent is not None and any(e in widths for e in _stacked(parent)):
         return True  # the block's own (gpt-oss)
-    return _unmoduled_experts(module, parent, widths)
+    return _unmoduled_experts(module, parent, widths, shared_configs)
 
 
 def _shared_count(module: nn.Module, parent: nn.Module | None) -> int | None:
@@ -956,10 +959,39 @@ def _forward_names(block: nn.Module, depth: int = 3) -> set[str]:
     return names
 
 
-def _unmoduled_experts(router: nn.Module, block: nn.Module | None, widths: Sequence[int]) -> bool:
+class _SharedConfigs:
+    """The configs that modules of more than one class hold (see :data:`_CONFIG_ATTRS`; a nested config counts as
+    held by the holder of the config it is nested in): the model's config, which some models hand to every module
+    (transformers' ``self.config`` in the model, its attention and its MLP blocks alike), where a block's own config
+    (Fast-LLM's MLP config, held by the MLP of each layer) is held by modules of its class alone. Read once, on the
+    first question, over the modules discovery walks."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self._modules = modules
+        self._shared: set[int] | None = None
+
+    def __contains__(self, config: object) -> bool:
+        if self._shared is None:
+            holders: dict[int, set[type]] = {}
+            for module in self._modules:
+                cfg = _own_config(module)
+                if cfg is None:
+                    continue
+                for held in (cfg, *(_read_attr(cfg, key) for key in _NESTED_CONFIGS)):
+                    if held is not None:
+                        holders.setdefault(id(held), set()).add(type(module))
+            self._shared = {key for key, classes in holders.items() if len(classes) > 1}
+        return id(config) in self._shared
+
+
+def _unmoduled_experts(
+    router: nn.Module, block: nn.Module | None, widths: Sequence[int], shared_configs: _SharedConfigs
+) -> bool:
     """Does ``block`` hold, in no experts module, the experts that ``router`` scores?
 
-    The block declares the expert count E itself (an attribute, or its own config: not the model's), E is a width of
+    The block declares the expert count E itself (an attribute, or its own config: not the model's, which modules of
+    other classes hold too, ``shared_configs``: an attention block handed the model's config, whose per-head gate is
+    as wide as the model's expert count, its projections whole blocks of rows per head), E is a width of
     the router, the block's forward reaches a decision call, and the forward reads at least two of the block's
     holdings that are split into the experts: 2-D weights (its own, or a child ``Linear``'s) of ``m * N`` rows,
     ``m >= 2`` (LLaMA2-Accessory's flat ``[E * F, d]`` ``w1`` / ``w2`` / ``w3``; Fast-LLM's ``layer_1`` /
@@ -971,6 +1003,8 @@ def _unmoduled_experts(router: nn.Module, block: nn.Module | None, widths: Seque
     if block is None:
         return False
     config = _own_config(block)
+    if config is not None and config in shared_configs:
+        config = None  # (the model's)
     declared = {v for obj in (block, config) for v in (_int_attr(obj, (key,)) for key in _EXPERT_KEYS) if v}
     routed = [w for w in widths if w > 1 and w in declared]
     if not routed:
@@ -1355,6 +1389,7 @@ def find_routers(
 
     sites: list[RouterSite] = []
     problems: list[str] = []
+    shared_configs = _SharedConfigs(modules.values())
     too_many: dict[str, str] = {}  # routers with fewer experts than a top_k= given
     for name in chosen:
         if any(name.startswith(site.name + ".") for site in sites if site.name):
@@ -1384,7 +1419,7 @@ def find_routers(
         if refusal is not None and inc is None:  # a known router family that cannot be replayed: report it
             width, k = max(counts, default=width or 0), top_k or _top_k(module, parent, config) or 1
         elif inc is None:
-            if not gateless and not _near_experts(module, parent, candidates):
+            if not gateless and not _near_experts(module, parent, candidates, shared_configs):
                 continue
             given = num_experts
             if counts and given and given not in counts and given not in _expert_widths(module, counts):

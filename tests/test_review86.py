@@ -1,0 +1,122 @@
+"""Gates beside experts that are no modules of their own, where the expert count comes from a config: the model's
+config, which some models hand to every module (the attention block's ``self.config`` the very object the model
+holds), is no block's own, so a per-head attention gate as wide as the model's expert count stays unfound; a block's
+own config, held by the MoE blocks of every layer alike, still counts.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import moe_replay as mr
+from tests.test_public_routers6 import assert_exact
+from tests.test_review80 import D, E, K, _Experts, _GatedHeads, _HeldExperts
+
+
+class _HandedGatedHeads(_GatedHeads):
+    """The per-head gated attention of ``test_review80``, handed a config as transformers' modules are."""
+
+    def __init__(self, config: object) -> None:
+        super().__init__()
+        self.config = config
+
+
+class _Layer(nn.Module):
+    def __init__(self, config: object) -> None:
+        super().__init__()
+        self.self_attn = _HandedGatedHeads(config)
+        self.mlp = _Experts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(x)
+        return x + self.mlp(x)
+
+
+class _HandedModel(nn.Module):
+    """A model holding its config and handing it (or its ``text_config``) to the attention of each of two layers."""
+
+    def __init__(self, nested: bool) -> None:
+        super().__init__()
+        text = SimpleNamespace(num_experts=E, num_experts_per_tok=K, num_attention_heads=E)
+        self.config = SimpleNamespace(text_config=text) if nested else text
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList([_Layer(text) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.reliability("false refusals")
+@pytest.mark.parametrize("nested", [False, True], ids=["config", "text_config"])
+def test_a_head_gate_of_attention_handed_the_models_config_stays_unfound_and_the_moe_replays(nested: bool) -> None:
+    """The attention of each layer holds the model's config (the object the model holds, or its ``text_config``) whose
+    expert count is as wide as its per-head gate, its projections whole blocks of rows per head and a ``min`` read in
+    its forward: the count is the model's, not the attention's, so only the MoE routers are found; the gate was taken
+    for a router and every capture refused as a router making no decision."""
+    model = _HandedModel(nested)
+    sites = mr.find_routers(model)
+    assert [s.name for s in sites] == ["layers.0.mlp.router", "layers.1.mlp.router"]
+    x = _x()
+    with mr.attach(model) as session:
+        with session.capture():
+            captured = model(x)
+        routes = session.routes()
+        with session.replay(routes):
+            replayed = model(x)
+    assert routes.names == ("layers.0.mlp.router", "layers.1.mlp.router")
+    assert torch.equal(captured, replayed)
+
+
+class _ConfiguredHeldExperts(_HeldExperts):
+    """The flat-rows MoE block of ``test_review80`` declaring its expert count in a config of its own (Fast-LLM's MLP
+    config), no attribute."""
+
+    def __init__(self, config: object) -> None:
+        super().__init__("flat")
+        del self.num_experts
+        self._config = config
+
+
+class _ConfiguredLayer(nn.Module):
+    def __init__(self, mlp_config: object) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.mlp = _ConfiguredHeldExperts(mlp_config)
+        for p in self.mlp.parameters():
+            nn.init.normal_(p, std=0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class _ConfiguredLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        mlp_config = SimpleNamespace(num_experts=E, top_k=K)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.layers = nn.ModuleList([_ConfiguredLayer(mlp_config) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.reliability("false refusals")
+def test_a_block_config_shared_by_the_moe_blocks_of_every_layer_is_still_their_own() -> None:
+    """The MoE block of each layer holds one config of MoE blocks (held by no module of another class): its expert
+    count still declares the flat weights' experts, and both gates are found and replay as by hand."""
+    session = assert_exact(_ConfiguredLayers(), _x())
+    assert session.names == ("layers.0.mlp.gate", "layers.1.mlp.gate")
