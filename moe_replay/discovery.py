@@ -15,11 +15,13 @@ router family that the generic path gets wrong.
 from __future__ import annotations
 
 import dataclasses
+import dis
 import fnmatch
 import functools
 import inspect
 import math
 import re
+import sys
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -314,18 +316,49 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _reaches_decision(fn: Any, owner: type, depth: int = 0, instance: Any = None) -> bool:
+_CALL_OPS = frozenset({"CALL", "CALL_FUNCTION", "CALL_METHOD", "CALL_KW", "CALL_FUNCTION_KW", "CALL_FUNCTION_EX"})
+
+
+def _values_read(code: types.CodeType) -> set[str]:
+    """The decision names ``code`` reads only as an attribute of what a call returned, never as something it calls: a
+    dtype's limits (``torch.finfo(scores.dtype).min``, the fill of an attention mask), a value, no decision call.
+    Nested code (comprehensions, lambdas) included."""
+    read: set[str] = set()
+    other: set[str] = set()
+    stack = [code]
+    while stack:
+        current = stack.pop()
+        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+        previous = ""
+        for ins in dis.get_instructions(current):
+            if ins.opname == "CACHE":
+                continue
+            if isinstance(ins.argval, str) and ins.argval in _DECISION_NAMES:
+                # (from 3.12, a method load is a LOAD_ATTR with the low bit of its arg set)
+                method = ins.opname == "LOAD_METHOD" or (
+                    ins.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and bool((ins.arg or 0) & 1)
+                )
+                if ins.opname == "LOAD_ATTR" and not method and previous in _CALL_OPS:
+                    read.add(ins.argval)
+                else:
+                    other.add(ins.argval)
+            previous = ins.opname
+    return read - other
+
+
+def _reaches_decision(fn: Any, owner: type, depth: int = 0, instance: Any = None, called: bool = False) -> bool:
     """Can ``fn`` (a router's forward) call a top-k, argmax or max, directly or through the
     methods of its class, the attributes of ``instance`` and the module-level functions it calls?
     True when it cannot be told (no Python code to read): only a router proven to return scores
-    alone is widened to its block.
+    alone is widened to its block. ``called``: a decision name read only as the attribute of a call's result (a
+    dtype's ``finfo(...).min``) is no call of it.
     """
     fn = inspect.unwrap(fn)
     code = getattr(fn, "__code__", None)
     if code is None:
         return True
     names = _code_names(code)
-    if names & _DECISION_NAMES:
+    if names & _DECISION_NAMES and not (called and not (names & _DECISION_NAMES) - _values_read(code)):
         return True
     if depth >= 3:
         return False
@@ -334,11 +367,11 @@ def _reaches_decision(fn: Any, owner: type, depth: int = 0, instance: Any = None
         targets = [scope[name]] if name in scope else [k.__dict__.get(name) for k in owner.__mro__]  # super() too
         if instance is not None and name not in scope:  # what the forward reaches as ``self.<name>``
             targets.append(inspect.getattr_static(instance, name, None))
-            if _held_reaches_decision(_held(instance, name), names, depth):
+            if _held_reaches_decision(_held(instance, name), names, depth, called):
                 return True
         for target in targets:
             if _opaque_call(target) or (
-                isinstance(target, types.FunctionType) and _reaches_decision(target, owner, depth + 1, instance)
+                isinstance(target, types.FunctionType) and _reaches_decision(target, owner, depth + 1, instance, called)
             ):
                 return True
     return False
@@ -356,7 +389,7 @@ def _held(instance: Any, name: str) -> Any:
     return None if root in ("torch", "builtins", "functools", "collections", "typing") else held
 
 
-def _held_reaches_decision(held: Any, names: set[str], depth: int) -> bool:
+def _held_reaches_decision(held: Any, names: set[str], depth: int, called: bool = False) -> bool:
     """Does a method of ``held`` that the forward names (``self.routing_method.apply(logits)``: a routing object's
     method called by name, not through ``forward``) reach a decision call? The method's own class and the object's
     attributes are followed as for a forward."""
@@ -368,7 +401,7 @@ def _held_reaches_decision(held: Any, names: set[str], depth: int) -> bool:
         if (
             isinstance(fn, types.FunctionType)
             and not (fn.__module__ or "").startswith("torch")  # (nn.Module's own methods: no decision)
-            and _reaches_decision(fn, type(held), depth + 1, held)
+            and _reaches_decision(fn, type(held), depth + 1, held, called)
         ):
             return True
     return False
@@ -992,7 +1025,8 @@ def _unmoduled_experts(
     The block declares the expert count E itself (an attribute, or its own config: not the model's, which modules of
     other classes hold too, ``shared_configs``: an attention block handed the model's config, whose per-head gate is
     as wide as the model's expert count, its projections whole blocks of rows per head), E is a width of
-    the router, the block's forward reaches a decision call, and the forward reads at least two of the block's
+    the router, the block's forward reaches a decision call (one it calls: a dtype's ``finfo(...).min`` is a value
+    read), and the forward reads at least two of the block's
     holdings that are split into the experts: 2-D weights (its own, or a child ``Linear``'s) of ``m * N`` rows,
     ``m >= 2`` (LLaMA2-Accessory's flat ``[E * F, d]`` ``w1`` / ``w2`` / ``w3``; Fast-LLM's ``layer_1`` /
     ``layer_2``, chunked), or ``ModuleList`` / ``ModuleDict`` containers of N entries with parameters (mergoo's LoRA
@@ -1034,7 +1068,8 @@ def _unmoduled_experts(
             )
         ]
         if len(split) >= 2:
-            return _reaches_decision(_class_forward(block), type(block), instance=block)
+            # (a decision call: not a dtype's ``min`` an attention mask is filled with)
+            return _reaches_decision(_class_forward(block), type(block), instance=block, called=True)
     return False
 
 
