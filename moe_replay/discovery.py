@@ -1211,7 +1211,13 @@ def _nearest_config(name: str, modules: dict[str, nn.Module]) -> Any:
 
 def _own_config(module: nn.Module | None) -> Any:
     """The config a module keeps itself (see :data:`_CONFIG_ATTRS`), or None."""
+    # (a module keeping nn.Module's attribute lookup holds a config in its own attributes or its class: a name in
+    # neither is skipped, as a miss raises there, for every module discovery reads)
+    plain = isinstance(module, nn.Module) and type(module).__getattr__ is _MODULE_GETATTR
+    own = vars(module) if plain and type(module).__getattribute__ is _OBJECT_GETATTRIBUTE else None
     for key in _CONFIG_ATTRS:
+        if own is not None and key not in own and not hasattr(type(module), key):
+            continue
         cfg = getattr(module, key, None)
         if cfg is not None and not isinstance(cfg, nn.Module | tuple | list | dict | str):
             return cfg
