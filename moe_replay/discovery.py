@@ -319,10 +319,12 @@ def _code_names(code: types.CodeType) -> set[str]:
 _CALL_OPS = frozenset({"CALL", "CALL_FUNCTION", "CALL_METHOD", "CALL_KW", "CALL_FUNCTION_KW", "CALL_FUNCTION_EX"})
 
 
-def _values_read(code: types.CodeType) -> set[str]:
-    """The decision names ``code`` reads only as an attribute of what a call returned, never as something it calls: a
-    dtype's limits (``torch.finfo(scores.dtype).min``, the fill of an attention mask), a value, no decision call.
-    Nested code (comprehensions, lambdas) included."""
+def _values_read(code: types.CodeType, scope: Mapping[str, Any]) -> set[str]:
+    """The decision names ``code`` reads only as values, never as a torch call: an attribute of what a call returned
+    (a dtype's limits, ``torch.finfo(scores.dtype).min``, the fill of an attention mask), or Python's builtin ``min``
+    / ``max`` (of sizes: ``min(seq_len, self.window)``; no torch call, so no decision moe_replay could see), where
+    ``scope``, the globals of the code, binds no function of that name. Nested code (comprehensions, lambdas)
+    included."""
     read: set[str] = set()
     other: set[str] = set()
     stack = [code]
@@ -338,10 +340,9 @@ def _values_read(code: types.CodeType) -> set[str]:
                 method = ins.opname == "LOAD_METHOD" or (
                     ins.opname == "LOAD_ATTR" and sys.version_info >= (3, 12) and bool((ins.arg or 0) & 1)
                 )
-                if ins.opname == "LOAD_ATTR" and not method and previous in _CALL_OPS:
-                    read.add(ins.argval)
-                else:
-                    other.add(ins.argval)
+                value = ins.opname == "LOAD_ATTR" and not method and previous in _CALL_OPS
+                builtin = ins.opname in ("LOAD_GLOBAL", "LOAD_NAME") and ins.argval not in scope
+                (read if value or builtin else other).add(ins.argval)
             previous = ins.opname
     return read - other
 
@@ -351,18 +352,18 @@ def _reaches_decision(fn: Any, owner: type, depth: int = 0, instance: Any = None
     methods of its class, the attributes of ``instance`` and the module-level functions it calls?
     True when it cannot be told (no Python code to read): only a router proven to return scores
     alone is widened to its block. ``called``: a decision name read only as the attribute of a call's result (a
-    dtype's ``finfo(...).min``) is no call of it.
+    dtype's ``finfo(...).min``) or a builtin ``min`` / ``max`` of Python values is no call of one.
     """
     fn = inspect.unwrap(fn)
     code = getattr(fn, "__code__", None)
     if code is None:
         return True
     names = _code_names(code)
-    if names & _DECISION_NAMES and not (called and not (names & _DECISION_NAMES) - _values_read(code)):
+    scope = getattr(fn, "__globals__", {})
+    if names & _DECISION_NAMES and not (called and not (names & _DECISION_NAMES) - _values_read(code, scope)):
         return True
     if depth >= 3:
         return False
-    scope = getattr(fn, "__globals__", {})
     for name in names:
         targets = [scope[name]] if name in scope else [k.__dict__.get(name) for k in owner.__mro__]  # super() too
         if instance is not None and name not in scope:  # what the forward reaches as ``self.<name>``
@@ -1025,8 +1026,8 @@ def _unmoduled_experts(
     The block declares the expert count E itself (an attribute, or its own config: not the model's, which modules of
     other classes hold too, ``shared_configs``: an attention block handed the model's config, whose per-head gate is
     as wide as the model's expert count, its projections whole blocks of rows per head), E is a width of
-    the router, the block's forward reaches a decision call (one it calls: a dtype's ``finfo(...).min`` is a value
-    read), and the forward reads at least two of the block's
+    the router, the block's forward reaches a decision call (a torch one it calls: a dtype's ``finfo(...).min`` and a
+    builtin ``min`` of sizes are values read), and the forward reads at least two of the block's
     holdings that are split into the experts: 2-D weights (its own, or a child ``Linear``'s) of ``m * N`` rows,
     ``m >= 2`` (LLaMA2-Accessory's flat ``[E * F, d]`` ``w1`` / ``w2`` / ``w3``; Fast-LLM's ``layer_1`` /
     ``layer_2``, chunked), or ``ModuleList`` / ``ModuleDict`` containers of N entries with parameters (mergoo's LoRA
@@ -1068,7 +1069,7 @@ def _unmoduled_experts(
             )
         ]
         if len(split) >= 2:
-            # (a decision call: not a dtype's ``min`` an attention mask is filled with)
+            # (a decision call: not a dtype's ``min`` an attention mask is filled with, nor a builtin ``min`` of sizes)
             return _reaches_decision(_class_forward(block), type(block), instance=block, called=True)
     return False
 

@@ -137,6 +137,24 @@ class _StableGatedHeads(_HandedGatedHeads):
         return self.o_proj(heads.transpose(1, 2).reshape(b, t, D))
 
 
+class _WindowGatedHeads(_HandedGatedHeads):
+    """The same attention over a sliding window of at most three keys: Python's ``min`` of the window and the length,
+    the band masked with the dtype's ``min``."""
+
+    window = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        width = min(self.window, t)
+        outside = torch.ones(t, t, dtype=torch.bool).triu(1) | torch.ones(t, t, dtype=torch.bool).tril(-width)
+        scores = scores.masked_fill(outside, torch.finfo(scores.dtype).min)
+        heads = scores.softmax(-1) @ v
+        heads = heads * torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
+        return self.o_proj(heads.transpose(1, 2).reshape(b, t, D))
+
+
 class _Unheld(nn.Module):
     """Two layers, the model holding no config (a bare stack, or a part of a model passed alone): the attention's
     config, the only module holding it, reads as its own. ``attention``: its class."""
@@ -168,11 +186,15 @@ def _finds_only_the_moe_routers_and_replays(model: nn.Module) -> None:
 
 
 @pytest.mark.reliability("false refusals")
-def test_a_head_gate_of_attention_that_holds_its_config_alone_and_only_reads_a_dtype_min_stays_unfound() -> None:
+@pytest.mark.parametrize("attention", [_HandedGatedHeads, _WindowGatedHeads], ids=["causal", "window"])
+def test_a_head_gate_of_attention_that_holds_its_config_alone_and_only_reads_a_min_stays_unfound(
+    attention: type[_HandedGatedHeads],
+) -> None:
     """The attention holds a config as wide as its per-head gate that no other module holds, and its forward's only
-    decision-like name is the ``min`` of ``torch.finfo`` its mask is filled with: a value read, no decision call, so
-    its gate is no router; only the MoE routers are found, and they replay."""
-    _finds_only_the_moe_routers_and_replays(_Unheld(_HandedGatedHeads))
+    decision-like names are the ``min`` of ``torch.finfo`` its mask is filled with (and Python's ``min`` of its
+    window and length): values read, no torch decision call, so its gate is no router; only the MoE routers are
+    found, and they replay."""
+    _finds_only_the_moe_routers_and_replays(_Unheld(attention))
 
 
 @pytest.mark.reliability("false refusals")
