@@ -475,33 +475,31 @@ class VerifyReport(dict[str, int]):
 _MACHINERY = ("evidence.py", "intercept.py", "orphans.py", "session.py", "_lean.py")
 
 
-def _where() -> str:
-    """``file:line`` of the innermost frame of model code (outside torch and this interception)."""
-    f: types.FrameType | None = sys._getframe(2)
+def _model_frame(f: types.FrameType | None) -> tuple[types.FrameType, str] | None:
+    """The innermost frame of model code (outside torch and this interception) from ``f`` outwards, with its file's
+    name as :func:`_model_file` gives it, or None."""
     while f is not None:
         name = f.f_code.co_filename
         model = _MODEL_FILES.get(name, _UNREAD)
         if model is _UNREAD:
             model = _model_file(name)
-        if model is not None:
-            return f"{model}:{f.f_lineno}"
+        if isinstance(model, str):
+            return f, model
         f = f.f_back
-    return "?"
+    return None
+
+
+def _where() -> str:
+    """``file:line`` of the innermost frame of model code (outside torch and this interception)."""
+    found = _model_frame(sys._getframe(2))
+    return "?" if found is None else f"{found[1]}:{found[0].f_lineno}"
 
 
 def _site() -> tuple[types.CodeType, int] | None:
     """The code object of the innermost frame of model code (as :func:`_where` finds it) and the offset of the
     instruction it runs (the call being made), or None."""
-    f: types.FrameType | None = sys._getframe(2)
-    while f is not None:
-        name = f.f_code.co_filename
-        model = _MODEL_FILES.get(name, _UNREAD)
-        if model is _UNREAD:
-            model = _model_file(name)
-        if model is not None:
-            return f.f_code, f.f_lasti
-        f = f.f_back
-    return None
+    found = _model_frame(sys._getframe(2))
+    return None if found is None else (found[0].f_code, found[0].f_lasti)
 
 
 def _model_file(name: str) -> str | None:
