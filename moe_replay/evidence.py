@@ -4999,8 +4999,8 @@ def _establish(
             why = "no decision-like call in its forward changes the output when its choice changes"
             # (a draw that chose, where no call's values reach the output either: a comparison with a decision's
             # values, as Gumbel noise compared with its maximum, is told as such, and noise before a decision-like
-            # call replays)
-            sampled = _sampled_choice(probe, seen, base, tolerance) if not calls else None
+            # call replays; values handed out of torch come first: what a draw is made into there is out of sight)
+            sampled = _sampled_choice(probe, seen, base, tolerance) if not calls and not seen.escapes else None
             if sampled is not None:
                 why, fix = sampled
                 why = f"its forward makes no decision-like call (topk, argmax, max, sort): {why}"
@@ -6517,12 +6517,15 @@ def _refuse_drawn_choice(
             calls,
             f"with its decision ({_chosen(ev)}) held, {what}: {where} changes with the random state. Its forward "
             f"draws from the random stream{shown}, and what it makes of the draw underflows (or is masked) to "
-            "exactly zero under some draws; where a token runs an expert only where its weight is not zero, "
+            "exactly zero under some draws (noise that underflows, or experts masked at random in the scores its "
+            "weights are read from, so that a forced expert weighs zero: expert dropout); where a token runs an "
+            "expert only where its weight is not zero, "
             "whether a forced expert runs depends on the draw, which a replay does not keep (a replayed forward "
             "runs under another random state than the capture), and the experts used would not be the recorded ones",
             "Keep the weights of the chosen experts from reaching exactly zero under a draw from the random stream: "
-            "bound the noise (or route without it: model.eval()), read the weights from scores without the random "
-            "mask or noise (those only for the decision), or dispatch each token to its chosen experts by the "
+            "bound the noise (or route without it: model.eval()), mask experts at random only in the scores the "
+            "decision reads (the weights read from the unmasked scores, without the noise), or dispatch each token "
+            "to its chosen experts by the "
             "decision's indices rather than by which of its weights are not zero" + beside,
         )
     if where is not None:

@@ -2437,7 +2437,7 @@ class Session:
                     "them out as the batch you replay, mr.BatchLayout.padded(lengths).routes(parts) (or .packed), "
                     "or mr.Routes.cat(parts) for generate()'s grid (keep_padding=True)"
                     if parts
-                    else f"read the file first: session.replay(mr.Routes.load({str(routes)!r:.80}))"
+                    else f"read the file first: session.replay(mr.Routes.load({str(routes)!r}))"
                     if isinstance(routes, str | os.PathLike)
                     else "build one with mr.Routes(...) or mr.Routes.from_numpy(...)"
                 )
